@@ -1,0 +1,1 @@
+"""Stage 1: offline preprocessing into a bucketed store (the ``cogprep`` command)."""

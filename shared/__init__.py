@@ -1,0 +1,1 @@
+"""What both stages need: model variants and loading, buckets, the store format, fingerprints, config."""
