@@ -9,6 +9,7 @@ and the native size: 32x48 pixels (9 frames) stands in for 480x720 (49 frames), 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,10 +42,12 @@ def tiny_tokenizer():
     words = sorted(set(_TOKENIZER_CORPUS))
     corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] + list("abcdefghijklmnopqrstuvwxyz0123456789")
     tok.train_from_iterator(corpus, trainer=trainer)
-    vocab = [(piece, score) for piece, score in tok.get_vocab_scores()] if hasattr(tok, "get_vocab_scores") else None
-    if vocab is None:
-        state = __import__("json").loads(tok.to_str())
-        vocab = [(p, s) for p, s in state["model"]["vocab"]]
+    state = json.loads(tok.to_str())
+    # the trainer's float scores vary in the last bits between runs (threads): round them so that the same
+    # seed writes the same files
+    # and their order among equal scores too: keep the 3 special tokens first (ids 0-2), sort the rest
+    vocab = [(piece, round(score, 4)) for piece, score in state["model"]["vocab"]]
+    vocab = vocab[:3] + sorted(vocab[3:], key=lambda ps: (-ps[1], ps[0]))
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 

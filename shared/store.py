@@ -1,0 +1,348 @@
+"""The store format, in one file: what cogprep writes and cogtrain reads.
+
+    STORE/
+      store.json            manifest: format version, model fingerprints, encode settings, dataset, buckets
+      index.parquet         one row per training sample; the commit point of every encode
+      extras.safetensors    empty-prompt embedding (caption dropout), validation prompt embeddings and images
+      report.json           what the last encode skipped, and why
+      shards/<bucket>/*.tar video items of one bucket (bucket names look like 49x480x720)
+      shards/text/*.tar     text items
+
+Shards are WebDataset tar files. Each *item* is one WebDataset sample whose ``__key__`` is the item's content
+key (32 hex characters, no dots) and whose members are safetensors and JSON only, never pickles:
+
+    video item   KEY.latent.safetensors   mean, logvar: unscaled VAE posterior, [C, F, H, W]
+                 KEY.image.safetensors    (I2V) clean [C, 1, H, W], noisy [K, C, 1, H, W], sigma [K] (float32)
+                 KEY.json                 what the item was made from
+    text item    KEY.text.safetensors     embedding: the T5 output exactly as the pipeline computes it, [L, D]
+                 KEY.json                 caption and its token count
+
+A sample (an index row) points at one video item and one text item by shard path, byte offset and size of
+each member, so any member is read with one seek; a caption shared by many clips is stored once. Items are
+content-keyed: a video item by (video content, clip window, bucket, resize mode, fps, VAE, dtype), a text item
+by (caption, T5 + tokenizer, max length). Shards are written under a temporary name and renamed when closed;
+index.parquet is replaced atomically last. A run killed at any moment leaves the previous index intact, and
+closed shards it wrote are found again by `scan_shard` so their items need not be encoded twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .atomic import atomic_path, atomic_write_text
+from .errors import CogtuneError
+
+FORMAT = "cogtune-store"
+FORMAT_VERSION = 1
+STORE_JSON = "store.json"
+INDEX = "index.parquet"
+EXTRAS = "extras.safetensors"
+REPORT = "report.json"
+SHARDS = "shards"
+TEXT_BUCKET = "text"
+
+LATENT = "latent.safetensors"
+IMAGE = "image.safetensors"
+TEXT = "text.safetensors"
+META = "json"
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # sample key: unique per row
+        ("source", pa.string()),  # the path as written in the dataset
+        ("kind", pa.string()),  # video | image
+        ("bucket", pa.string()),  # FxHxW
+        ("frames", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("caption", pa.string()),  # final caption (id token included)
+        ("clip_start", pa.int64()),  # first source frame of the clip
+        ("clip_step", pa.float64()),  # source frames between clip frames (fps resampling makes it fractional)
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
+        ("source_hash", pa.string()),  # content hash of the video (and of the conditioning image for I2V)
+        ("video_key", pa.string()),
+        ("text_key", pa.string()),
+        ("shard", pa.string()),  # video item's shard, relative to the store
+        ("latent_offset", pa.int64()),
+        ("latent_size", pa.int64()),
+        ("image_offset", pa.int64()),  # -1 when the store has no image latents (T2V)
+        ("image_size", pa.int64()),
+        ("text_shard", pa.string()),
+        ("text_offset", pa.int64()),
+        ("text_size", pa.int64()),
+        ("text_tokens", pa.int32()),  # true token count of the caption (</s> included)
+    ]
+)
+
+
+@dataclass
+class Manifest:
+    """store.json: everything needed to tell whether the store is current and what made it."""
+
+    model: dict[str, Any]
+    """source, variant name, and fingerprints of the VAE, text encoder and tokenizer (content and config)."""
+    settings: dict[str, Any]
+    """Encode settings that change what is cached (buckets, fps, resize mode, dtype, noise variants, ...)."""
+    dataset: dict[str, Any]
+    """The dataset path and layout the store was encoded from."""
+    buckets: list[dict[str, Any]] = field(default_factory=list)
+    """Each bucket: name, frames, height, width, batch_size (what the trainer uses), samples."""
+    format: str = FORMAT
+    version: int = FORMAT_VERSION
+    updated: float = field(default_factory=time.time)
+
+    def save(self, store: Path) -> None:
+        atomic_write_text(Path(store) / STORE_JSON, json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, store: Path) -> Manifest:
+        path = Path(store) / STORE_JSON
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CogtuneError(f"{path}: missing: not a cogtune store (run cogprep encode first)") from None
+        except ValueError as e:
+            raise CogtuneError(f"{path}: not valid JSON ({e})") from None
+        if data.get("format") != FORMAT:
+            raise CogtuneError(f"{path}: not a cogtune store manifest")
+        if data.get("version") != FORMAT_VERSION:
+            raise CogtuneError(
+                f"{path}: store format version {data.get('version')}, this cogtune reads {FORMAT_VERSION}: re-encode"
+            )
+        fields = {k: data[k] for k in ("model", "settings", "dataset", "buckets", "format", "version", "updated")}
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tensors <-> bytes (safetensors only: never pickle)
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    return load_safetensors(data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shards
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one member's bytes lie: shard path relative to the store, byte offset of the data, size."""
+
+    shard: str
+    offset: int
+    size: int
+
+
+class ShardWriter:
+    """Writes items into tar shards of one bucket folder, rolling to a new shard past `max_bytes`/`max_items`.
+
+    A shard is written as ``.NAME.tar.tmp`` and renamed to ``NAME.tar`` when closed, so a finished shard is
+    always whole. `add` returns the members' locations, valid once the shard is closed (`close` or roll).
+    Shard names carry `prefix` (e.g. the run id and rank) so that concurrent writers never collide.
+    """
+
+    def __init__(self, store: Path, bucket: str, prefix: str, max_bytes: int = 1 << 30, max_items: int = 2000):
+        self.store = Path(store)
+        self.folder = self.store / SHARDS / bucket
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self.seq = 0
+        self.closed_shards: list[str] = []
+        self._tar: tarfile.TarFile | None = None
+        self._items = 0
+        self._name = ""
+
+    def _open(self) -> None:
+        while True:
+            self._name = f"{self.prefix}-{self.seq:05d}.tar"
+            self.seq += 1
+            if not (self.folder / self._name).exists():
+                break
+        self._tmp = self.folder / f".{self._name}.tmp"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._items = 0
+
+    @property
+    def current_shard(self) -> str:
+        return (self.folder / self._name).relative_to(self.store).as_posix()
+
+    def add(self, key: str, members: dict[str, bytes]) -> dict[str, Location]:
+        """Append one item; returns {member name: Location}. Keys must not contain dots (WebDataset rule)."""
+        if "." in key or "/" in key:
+            raise ValueError(f"item key {key!r} must not contain '.' or '/'")
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        out = {}
+        for member, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{member}")
+            info.size = len(data)
+            info.mtime = 0  # shards depend on content only
+            info.mode = 0o644
+            header = len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
+            offset = self._tar.offset + header  # addfile works on a copy of info: compute where data lands
+            self._tar.addfile(info, io.BytesIO(data))
+            out[member] = Location(self.current_shard, offset, len(data))
+        self._items += 1
+        if self._items >= self.max_items or self._tar.offset >= self.max_bytes:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        """Finish the open shard: flush, fsync, rename to its final name."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.folder / self._name)
+        self.closed_shards.append(self.current_shard)
+        self._tar = None
+
+    def abort(self) -> None:
+        """Drop the open shard (its items were never committed)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
+def scan_shard(store: Path, shard: str) -> dict[str, dict[str, Location]]:
+    """Read a closed shard's tar headers: {item key: {member: Location}}. Reads no member data."""
+    out: dict[str, dict[str, Location]] = {}
+    with tarfile.open(Path(store) / shard, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, member = info.name.partition(".")
+            out.setdefault(key, {})[member] = Location(shard, info.offset_data, info.size)
+    return out
+
+
+def list_shards(store: Path) -> list[str]:
+    """Every closed shard in the store, relative paths, sorted."""
+    root = Path(store) / SHARDS
+    if not root.exists():
+        return []
+    return sorted(p.relative_to(store).as_posix() for p in root.glob("*/*.tar"))
+
+
+def remove_temp_shards(store: Path) -> int:
+    """Delete shards left half-written by a killed run; returns how many."""
+    root = Path(store) / SHARDS
+    n = 0
+    for p in root.glob("*/.*.tar.tmp") if root.exists() else []:
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+class ShardReader:
+    """Random access to members: one seek and one read each, with a few shard files kept open."""
+
+    def __init__(self, store: Path, max_open: int = 16):
+        self.store = Path(store)
+        self.max_open = max_open
+        self._files: OrderedDict[str, Any] = OrderedDict()
+
+    def read(self, shard: str, offset: int, size: int) -> bytes:
+        f = self._files.get(shard)
+        if f is None:
+            f = open(self.store / shard, "rb")
+            self._files[shard] = f
+            if len(self._files) > self.max_open:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(shard)
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise CogtuneError(f"{self.store / shard}: truncated at byte {offset + len(data)} (store damaged)")
+        return data
+
+    def tensors(self, shard: str, offset: int, size: int) -> dict[str, torch.Tensor]:
+        return tensors_from_bytes(self.read(shard, offset, size))
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# index
+
+
+def write_index(store: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace index.parquet atomically: the commit point of an encode. Rows are sorted by key."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    with atomic_path(Path(store) / INDEX) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_index(store: Path) -> list[dict[str, Any]]:
+    path = Path(store) / INDEX
+    if not path.exists():
+        return []
+    try:
+        return pq.read_table(path, schema=INDEX_SCHEMA).to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CogtuneError(f"{path}: unreadable index ({e})") from None
+
+
+def read_sample(reader: ShardReader, row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every cached tensor of one index row: mean, logvar, embedding (+ clean, noisy, sigma for I2V)."""
+    out = dict(reader.tensors(row["shard"], row["latent_offset"], row["latent_size"]))
+    out.update(reader.tensors(row["text_shard"], row["text_offset"], row["text_size"]))
+    if row["image_offset"] >= 0:
+        out.update(reader.tensors(row["shard"], row["image_offset"], row["image_size"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extras: store-level tensors
+
+
+def write_extras(store: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """extras.safetensors: ``empty_embedding`` [L, D], ``validation_embedding_{i}`` and, for I2V,
+    ``validation_image_{i}`` latents; `metadata` (strings) keeps the validation prompts."""
+    from safetensors.torch import save_file
+
+    with atomic_path(Path(store) / EXTRAS) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_extras(store: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(store) / EXTRAS
+    if not path.exists():
+        raise CogtuneError(f"{path}: missing (re-run cogprep encode)")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models of every variant, written once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cogtune.shared.variants import VARIANTS
+from cogtune.shared.zoo import make_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ALL_VARIANTS = list(VARIANTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Lazily built tiny models: ``tiny_models[slug]`` writes the model on first use and returns its folder."""
+
+    class _Lazy(dict):
+        def __missing__(self, slug: str) -> Path:
+            path = make_tiny_model(slug, tmp_path_factory.mktemp(f"tiny-{slug}"), seed=0)
+            self[slug] = path
+            return path
+
+    return _Lazy()
+
+
+@pytest.fixture(params=ALL_VARIANTS)
+def variant_slug(request) -> str:
+    return request.param

@@ -1,0 +1,45 @@
+"""Packaging: one import package `cogtune`, console scripts with --help and --version."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _python(code, cwd):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cogtune_subpackages_import(tmp_path):
+    r = _python("import cogtune.train, cogtune.preprocess, cogtune.shared; print(cogtune.__version__)", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+@pytest.mark.parametrize("name", ["train", "preprocess", "shared"])
+def test_no_top_level_modules_installed(tmp_path, name):
+    r = _python(f"import {name}", tmp_path)  # a neutral cwd: only site-packages can provide it
+    assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["cogprep", "cogtrain"])
+def test_console_scripts_help_and_version(command):
+    exe = __import__("shutil").which(command)
+    assert exe, f"{command} is not on PATH"
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"{command} (cogtune) ")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Usage" in r.stdout
+
+
+def test_make_tiny_model_script(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "make_tiny_model.py"
+    r = subprocess.run([sys.executable, str(script), "--variant", "2b", "--out", str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "model_index.json").exists()
+    r = subprocess.run([sys.executable, str(script), "--variant", "7b", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and not (tmp_path / "x").exists()

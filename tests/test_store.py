@@ -1,0 +1,87 @@
+"""The store format: shards written atomically, random access through locations equals WebDataset streaming."""
+
+import json
+
+import torch
+import webdataset as wds
+
+from cogtune.shared import store as S
+
+
+def _write_items(tmp_path, n=5, max_items=2):
+    w = S.ShardWriter(tmp_path, "9x32x48", prefix="r0", max_items=max_items)
+    expected, locs = {}, {}
+    for i in range(n):
+        key = f"{i:032x}"
+        t = {"mean": torch.randn(16, 3, 4, 6).bfloat16(), "logvar": torch.randn(16, 3, 4, 6).bfloat16()}
+        expected[key] = t
+        locs[key] = w.add(key, {S.LATENT: S.tensors_to_bytes(t), S.META: json.dumps({"i": i}).encode()})
+    w.close()
+    return w, expected, locs
+
+
+def test_shards_roll_close_and_stream_like_random_access(tmp_path):
+    w, expected, locs = _write_items(tmp_path)
+    assert len(w.closed_shards) == 3  # 5 items, 2 per shard
+    assert not list(tmp_path.rglob("*.tmp"))
+    reader = S.ShardReader(tmp_path)
+    streamed = {}
+    for shard in S.list_shards(tmp_path):
+        for sample in wds.WebDataset(str(tmp_path / shard), shardshuffle=False):
+            streamed[sample["__key__"]] = S.tensors_from_bytes(sample[S.LATENT])
+    assert streamed.keys() == expected.keys()
+    for key, t in expected.items():
+        loc = locs[key][S.LATENT]
+        direct = reader.tensors(loc.shard, loc.offset, loc.size)
+        for name in t:
+            assert torch.equal(direct[name], t[name])
+            assert torch.equal(streamed[key][name], t[name])
+
+
+def test_scan_shard_finds_the_locations_add_returned(tmp_path):
+    w, _, locs = _write_items(tmp_path)
+    found = {}
+    for shard in w.closed_shards:
+        found.update(S.scan_shard(tmp_path, shard))
+    assert found == locs
+
+
+def test_abort_leaves_no_shard(tmp_path):
+    w = S.ShardWriter(tmp_path, "text", prefix="r0")
+    w.add("a" * 32, {S.TEXT: b"x"})
+    w.abort()
+    assert S.list_shards(tmp_path) == [] and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_index_round_trip_and_manifest(tmp_path):
+    row = {name: None for name in S.INDEX_SCHEMA.names}
+    row.update(key="k1", source="videos/a.mp4", kind="video", bucket="9x32x48", frames=9, height=32, width=48,
+               caption="a red circle", clip_start=0, clip_step=1.0, source_size=10, source_mtime_ns=1,
+               source_hash="h", video_key="v", text_key="t", shard="shards/9x32x48/r0-00000.tar",
+               latent_offset=512, latent_size=100, image_offset=-1, image_size=0,
+               text_shard="shards/text/r0-00000.tar", text_offset=512, text_size=10, text_tokens=4)
+    S.write_index(tmp_path, [row])
+    assert S.read_index(tmp_path) == [row]
+    m = S.Manifest(model={"variant": "CogVideoX-2b"}, settings={"dtype": "bfloat16"}, dataset={"path": "/d"})
+    m.save(tmp_path)
+    assert S.Manifest.load(tmp_path).model == {"variant": "CogVideoX-2b"}
+
+
+def test_manifest_errors_name_the_file(tmp_path):
+    import pytest
+
+    from cogtune.shared.errors import CogtuneError
+
+    with pytest.raises(CogtuneError, match="store.json: missing"):
+        S.Manifest.load(tmp_path)
+    (tmp_path / "store.json").write_text("{not json")
+    with pytest.raises(CogtuneError, match="store.json: not valid JSON"):
+        S.Manifest.load(tmp_path)
+
+
+def test_extras_round_trip(tmp_path):
+    t = {"empty_embedding": torch.randn(226, 16).bfloat16()}
+    S.write_extras(tmp_path, t, {"validation_prompts": json.dumps(["a"])})
+    got, meta = S.read_extras(tmp_path)
+    assert torch.equal(got["empty_embedding"], t["empty_embedding"])
+    assert json.loads(meta["validation_prompts"]) == ["a"]
