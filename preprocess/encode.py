@@ -1,0 +1,415 @@
+"""Running an encode: decode in CPU workers, encode with the VAE and T5, write shards, commit the index.
+
+One process or many (``torchrun --nproc_per_node N $(which cogprep) encode ...``, or accelerate launch): every
+rank plans the same work, takes every N-th item, writes its own shards and a list of what it wrote, and rank 0
+writes the one index. The index is written last and atomically: a run killed at any moment leaves the previous
+store intact, and the next run reuses the items in the shards it had closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..shared import store as S
+from ..shared.buckets import Bucket, BucketSpec
+from ..shared.errors import CogtuneError
+from ..shared.fingerprint import FileHashes, hash_json
+from ..shared.models import Model, parse_dtype
+from ..shared.video import read_frames
+from .datasets import BadItem, Dataset
+from .frames import resize_to_bucket
+from .plan import CACHE_DIR, EncodeSettings, Plan, VideoJob, plan_encode
+
+PENDING = ".pending"
+TEXT_COMPONENTS = ("text_encoder", "tokenizer")
+PREP_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+
+
+@dataclass
+class RunOptions:
+    """How to run an encode; none of these change what is cached."""
+
+    device: str = "auto"
+    """``auto``: cuda:LOCAL_RANK when a GPU is present, else cpu."""
+    compute_dtype: str = "auto"
+    """Dtype the VAE and T5 run in: ``auto`` is bfloat16 on GPU, float32 on CPU."""
+    workers: int = 2
+    """CPU processes decoding and resizing clips while the accelerator encodes."""
+    text_batch_size: int = 16
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    strict: bool = False
+    """Any bad item: exit 2 and write nothing."""
+    verify: bool = False
+    """Re-hash every file instead of trusting unchanged (size, mtime)."""
+    shard_max_bytes: int = 1 << 30
+    shard_max_items: int = 1000
+    validation_prompts: Path | None = None
+    validation_images: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class EncodeResult:
+    plan: Plan
+    encoded_videos: int = 0
+    encoded_texts: int = 0
+    samples: int = 0
+    skipped: list[BadItem] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment (torchrun, accelerate)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        dist.barrier()
+
+
+def model_fingerprints(model: Model, hashes: FileHashes) -> tuple[str, str, dict[str, str]]:
+    """(VAE fingerprint, text fingerprint (T5 + tokenizer), all component fingerprints)."""
+    fps = model.fingerprint(PREP_COMPONENTS, hashes)
+    return fps["vae"], hash_json([fps["text_encoder"], fps["tokenizer"]]), fps
+
+
+def run_encode(
+    dataset: Dataset,
+    model: Model,
+    store: Path,
+    spec: BucketSpec,
+    settings: EncodeSettings,
+    options: RunOptions,
+    dataset_info: dict[str, Any],
+) -> EncodeResult:
+    started = time.time()
+    store = Path(store)
+    rank, world, local_rank = dist_info()
+    created = not store.exists()
+    store.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        S.remove_temp_shards(store)
+        shutil.rmtree(store / PENDING, ignore_errors=True)
+    _barrier(world)
+
+    hashes = FileHashes(store / CACHE_DIR / "files.json", verify=options.verify)
+    vae_fp, text_fp, fps = model_fingerprints(model, hashes)
+    plan = plan_encode(dataset, spec, settings, vae_fp, text_fp, store, hashes)
+    result = EncodeResult(plan=plan)
+    if options.strict and plan.bad:
+        if created and rank == 0:
+            shutil.rmtree(store, ignore_errors=True)
+        raise CogtuneError(f"{plan.bad[0].reason} (and {len(plan.bad) - 1} more bad items; --strict writes nothing)"
+                           if len(plan.bad) > 1 else f"{plan.bad[0].reason} (--strict writes nothing)")
+
+    device = _device(options.device, local_rank)
+    compute = torch.float32 if device.type == "cpu" and options.compute_dtype == "auto" else (
+        torch.bfloat16 if options.compute_dtype == "auto" else parse_dtype(options.compute_dtype))
+    storage = parse_dtype(settings.dtype)
+    prefix = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank}"
+    my_texts = sorted(plan.text_jobs)[rank::world]
+    my_videos = [plan.video_jobs[k] for k in sorted(plan.video_jobs)[rank::world]]
+    extras_stale = rank == 0 and _extras_stale(store, text_fp, options)
+
+    writers: dict[str, S.ShardWriter] = {}
+
+    def writer(bucket: str) -> S.ShardWriter:
+        if bucket not in writers:
+            writers[bucket] = S.ShardWriter(store, bucket, prefix, options.shard_max_bytes, options.shard_max_items)
+        return writers[bucket]
+
+    new_texts: dict[str, list] = {}
+    new_videos: dict[str, dict[str, list]] = {}
+    failures: dict[str, str] = {}
+    try:
+        if my_texts or extras_stale:
+            tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute).to(device)
+            for start in tqdm(range(0, len(my_texts), options.text_batch_size), desc="texts", unit="batch",
+                              disable=not options.progress or not my_texts):
+                keys = my_texts[start : start + options.text_batch_size]
+                embeds, tokens = encode_prompts(tokenizer, text_encoder, [plan.text_jobs[k] for k in keys],
+                                                settings.text_length, device)
+                for key, emb, n in zip(keys, embeds, tokens):
+                    loc = writer(S.TEXT_BUCKET).add(key, {
+                        S.TEXT: S.tensors_to_bytes({"embedding": emb.to(storage)}),
+                        S.META: json.dumps({"caption": plan.text_jobs[key], "tokens": n}).encode(),
+                    })
+                    new_texts[key] = [*_loc(loc[S.TEXT]), n]
+                result.encoded_texts += len(keys)
+            if extras_stale:
+                _write_extras(store, tokenizer, text_encoder, settings, text_fp, options, device, storage)
+            del text_encoder
+        if my_videos:
+            vae = model.load_vae(compute).to(device)
+            if options.vae_tiling:
+                vae.enable_tiling()
+            if options.vae_slicing:
+                vae.enable_slicing()
+            i2v = model.variant.task == "i2v"
+            for job, decoded in _decoded(my_videos, settings.resize, i2v, options):
+                if "error" in decoded:
+                    failures[job.key] = decoded["error"]
+                    if options.strict:
+                        raise CogtuneError(f"{decoded['error']} (--strict writes nothing)")
+                    continue
+                members = encode_video_item(vae, decoded, job, settings, device, compute, storage)
+                locs = writer(job.bucket.name).add(job.key, members)
+                new_videos[job.key] = {m: _loc(l) for m, l in locs.items() if m != S.META}
+                result.encoded_videos += 1
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        if options.strict:  # nothing of this run may remain
+            for w in writers.values():
+                for shard in w.closed_shards:
+                    (store / shard).unlink(missing_ok=True)
+            if created and rank == 0:
+                shutil.rmtree(store, ignore_errors=True)
+        raise
+
+    pending = store / PENDING / f"{prefix}.json"
+    pending.parent.mkdir(parents=True, exist_ok=True)
+    S.atomic_write_text(pending, json.dumps({"texts": new_texts, "videos": new_videos, "failures": failures}))
+    _barrier(world)
+    if rank == 0:
+        _commit(store, model, plan, settings, spec, fps, dataset_info, result)
+        result.seconds = time.time() - started
+        _write_report(store, result)
+    _barrier(world)
+    result.seconds = time.time() - started
+    return result
+
+
+def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int, device) -> tuple[list, list[int]]:
+    """T5 embeddings exactly as the pipeline's ``_get_t5_prompt_embeds`` makes them (padded to `max_length`,
+    no attention mask), and each caption's true token count."""
+    inputs = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    with torch.no_grad():
+        embeds = text_encoder(inputs.input_ids.to(device))[0]
+    return list(embeds.float().cpu()), [int(n) for n in inputs.attention_mask.sum(1)]
+
+
+def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSettings, device, compute, storage):
+    """The members of one video item: posterior mean and logvar of the clip, and the I2V image latents."""
+    frames = decoded["frames"]  # uint8 [F, H, W, 3]
+    x = frames.permute(3, 0, 1, 2).unsqueeze(0).to(device, compute) / 127.5 - 1.0
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+    members = {
+        S.LATENT: S.tensors_to_bytes({"mean": posterior.mean[0].to(storage), "logvar": posterior.logvar[0].to(storage)}),
+        S.META: json.dumps({"source": str(job.path), "bucket": job.bucket.name, "clip_start": job.window.start,
+                            "clip_step": job.window.stride}).encode(),
+    }
+    if settings.image_noise_variants > 0:
+        members[S.IMAGE] = S.tensors_to_bytes(encode_image_variants(vae, decoded["image"], job.key, settings,
+                                                                    device, compute, storage))
+    return members
+
+
+def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSettings, device, compute, storage):
+    """The I2V conditioning image, VAE-encoded as a 1-frame video: the clean posterior mean, and K encodings of
+    the image with pixel-space noise sigma = exp(N(-3, 0.5)) (the augmentation the trainer draws from)."""
+    k = settings.image_noise_variants
+    gen = torch.Generator().manual_seed((int(key[:15], 16) + settings.seed) % (2**63))
+    pixels = image.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
+    sigma = torch.exp(torch.randn(k, generator=gen) * 0.5 - 3.0)
+    noisy = pixels[None] + sigma[:, None, None, None] * torch.randn((k, *pixels.shape), generator=gen)
+    batch = torch.cat([pixels[None], noisy]).unsqueeze(2).to(device, compute)  # [K+1, 3, 1, H, W]
+    with torch.no_grad():
+        posterior = vae.encode(batch).latent_dist
+        samples = posterior.sample(generator=gen)
+    return {"clean": posterior.mean[0].to(storage), "noisy": samples[1:].to(storage), "sigma": sigma.float()}
+
+
+class _DecodeJobs(torch.utils.data.Dataset):
+    """Decode + resize in DataLoader workers; a failure comes back as an error string, never an exception."""
+
+    def __init__(self, jobs: list[VideoJob], resize: str, i2v: bool):
+        self.jobs, self.resize, self.i2v = jobs, resize, i2v
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict:
+        job = self.jobs[i]
+        b = job.bucket
+        try:
+            frames = resize_to_bucket(read_frames(job.path, job.window.indices), b.height, b.width, self.resize)
+            out = {"index": i, "frames": torch.from_numpy(frames)}
+            if self.i2v:
+                first = read_frames(job.image, [0]) if job.image is not None else frames[:1]
+                out["image"] = torch.from_numpy(resize_to_bucket(first, b.height, b.width, self.resize)[0])
+            return out
+        except Exception as e:
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return {"index": i, "error": text if str(job.path) in text else f"{job.path}: {text}"}
+
+
+def _keep(x):
+    return x
+
+
+def _decoded(jobs: list[VideoJob], resize: str, i2v: bool, options: RunOptions):
+    loader = torch.utils.data.DataLoader(
+        _DecodeJobs(jobs, resize, i2v), batch_size=None, shuffle=False, num_workers=options.workers,
+        collate_fn=_keep, prefetch_factor=4 if options.workers else None, persistent_workers=False,
+    )
+    for decoded in tqdm(loader, total=len(jobs), desc="clips", unit="clip", disable=not options.progress):
+        yield jobs[decoded["index"]], decoded
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def _loc(loc: S.Location) -> list:
+    return [loc.shard, loc.offset, loc.size]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# extras, commit, report
+
+
+def _validation_inputs(options: RunOptions) -> tuple[list[str], list[Path]]:
+    prompts: list[str] = []
+    images: list[Path] = []
+    if options.validation_prompts is not None:
+        path = Path(options.validation_prompts)
+        try:
+            prompts = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        except OSError as e:
+            raise CogtuneError(f"{path}: cannot read validation prompts ({e.strerror})") from None
+    if options.validation_images is not None:
+        path = Path(options.validation_images)
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        images = [(path.parent / ln) for ln in lines]
+        if len(images) != len(prompts):
+            raise CogtuneError(f"{path}: {len(images)} validation images for {len(prompts)} validation prompts")
+    return prompts, images
+
+
+def _extras_stale(store: Path, text_fp: str, options: RunOptions) -> bool:
+    prompts, images = _validation_inputs(options)
+    try:
+        _, meta = S.read_extras(store)
+    except CogtuneError:
+        return True
+    want = hash_json([text_fp, prompts, [str(p) for p in images]])
+    return meta.get("inputs") != want
+
+
+def _write_extras(store, tokenizer, text_encoder, settings, text_fp, options, device, storage) -> None:
+    prompts, images = _validation_inputs(options)
+    embeds, _ = encode_prompts(tokenizer, text_encoder, [""] + prompts, settings.text_length, device)
+    tensors = {"empty_embedding": embeds[0].to(storage)}
+    for i, e in enumerate(embeds[1:]):
+        tensors[f"validation_embedding_{i}"] = e.to(storage)
+    for i, p in enumerate(images):
+        tensors[f"validation_image_{i}"] = torch.from_numpy(read_frames(p, [0])[0].copy())
+    meta = {"inputs": hash_json([text_fp, prompts, [str(p) for p in images]]),
+            "validation_prompts": json.dumps(prompts)}
+    S.write_extras(store, tensors, meta)
+
+
+def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spec: BucketSpec,
+            fps: dict[str, str], dataset_info: dict[str, Any], result: EncodeResult) -> None:
+    """Rank 0: merge every rank's new items with the known ones, write the index (the commit), the manifest."""
+    videos = dict(plan.video_locations)
+    texts = dict(plan.text_locations)
+    failures: dict[str, str] = {}
+    for pending in sorted((store / PENDING).glob("*.json")):
+        data = json.loads(pending.read_text())
+        for key, members in data["videos"].items():
+            videos[key] = {m: S.Location(*loc) for m, loc in members.items()}
+        for key, (shard, offset, size, tokens) in data["texts"].items():
+            texts[key] = (S.Location(shard, offset, size), tokens)
+        failures.update(data["failures"])
+    rows = []
+    skipped = list(plan.bad)
+    failed_sources = set()
+    for sample in plan.samples:
+        vkey = sample["video_key"]
+        if vkey in failures:
+            if sample["source"] not in failed_sources:
+                skipped.append(BadItem(sample["source"], failures[vkey]))
+                failed_sources.add(sample["source"])
+            continue
+        members = videos[vkey]
+        text_loc, tokens = texts[sample["text_key"]]
+        image = members.get(S.IMAGE)
+        rows.append({
+            **sample,
+            "shard": members[S.LATENT].shard,
+            "latent_offset": members[S.LATENT].offset,
+            "latent_size": members[S.LATENT].size,
+            "image_offset": image.offset if image else -1,
+            "image_size": image.size if image else 0,
+            "text_shard": text_loc.shard,
+            "text_offset": text_loc.offset,
+            "text_size": text_loc.size,
+            "text_tokens": tokens,
+        })
+    S.write_index(store, rows)
+    counts = Counter(r["bucket"] for r in rows)
+    buckets = []
+    for name in sorted(counts):
+        f, h, w = (int(x) for x in name.split("x"))
+        buckets.append({"name": name, "frames": f, "height": h, "width": w,
+                        "batch_size": spec.batch_size_for(Bucket(f, h, w)), "samples": counts[name]})
+    manifest = S.Manifest(
+        model={"source": model.source, "variant": model.variant.name, "fingerprints": fps,
+               "configs": model.config_fingerprint(("vae", "text_encoder"))},
+        settings=settings.to_json(),
+        dataset=dataset_info,
+        buckets=buckets,
+    )
+    manifest.save(store)
+    shutil.rmtree(store / PENDING, ignore_errors=True)
+    result.samples = len(rows)
+    result.skipped = skipped
+
+
+def _write_report(store: Path, result: EncodeResult) -> None:
+    report = {
+        "samples": result.samples,
+        "encoded": {"videos": result.encoded_videos, "texts": result.encoded_texts},
+        "changes": {k: len(v) for k, v in result.plan.changes.items()},
+        "skipped": [{"source": b.source, "reason": b.reason} for b in result.skipped],
+        "seconds": round(result.seconds, 3),
+    }
+    S.atomic_write_text(store / S.REPORT, json.dumps(report, indent=2))
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file() and CACHE_DIR not in p.parts)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+

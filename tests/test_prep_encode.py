@@ -1,0 +1,190 @@
+"""cogprep encode on tiny models: layouts, store contents, streaming, and incremental updates after edits."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import webdataset as wds
+
+from cogtune.shared import store as S
+from cogtune.shared.demo import make_demo_dataset
+from cogtune.shared.video import write_video
+
+from prep_helpers import (add_clip, assert_same_content, cogprep, encode, read_lines, report, store_content,
+                          write_lines)
+
+
+@pytest.fixture(scope="module")
+def demo_txt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "txt"
+    make_demo_dataset(path, count=5, seed=1, layout="txt")
+    return path
+
+
+@pytest.fixture
+def dataset(demo_txt, tmp_path):
+    """A private copy of the demo dataset that a test may edit."""
+    return shutil.copytree(demo_txt, tmp_path / "data")
+
+
+def test_txt_layout_encodes_every_clip_into_bucketed_shards(dataset, tiny_models, tmp_path):
+    store = tmp_path / "store"
+    encode(dataset, tiny_models["5b"], store)
+    rows = S.read_index(store)
+    assert sorted(r["source"] for r in rows) == sorted(read_lines(dataset / "videos.txt"))
+    captions = dict(zip(read_lines(dataset / "videos.txt"), read_lines(dataset / "prompts.txt")))
+    for r in rows:
+        assert r["caption"] == captions[r["source"]]
+        assert r["bucket"] == f"{r['frames']}x{r['height']}x{r['width']}"
+        assert r["shard"].startswith(f"shards/{r['bucket']}/")
+        assert r["image_offset"] == -1
+    content = store_content(store)
+    for r in rows:
+        t = content[r["key"]]
+        lat = (r["frames"] - 1) // 4 + 1
+        assert t["mean"].shape == t["logvar"].shape == (16, lat, r["height"] // 8, r["width"] // 8)
+        assert t["mean"].dtype == torch.bfloat16
+        assert t["embedding"].shape == (226, 16)
+    manifest = S.Manifest.load(store)
+    assert manifest.model["variant"] == "CogVideoX-5b"
+    assert sum(b["samples"] for b in manifest.buckets) == len(rows)
+    assert all(b["batch_size"] == 2 for b in manifest.buckets)
+    assert report(store)["encoded"] == {"videos": len(rows), "texts": len(set(captions.values()))}
+
+
+def test_every_shard_streams_with_webdataset_like_random_access(dataset, tiny_models, tmp_path):
+    store = tmp_path / "store"
+    encode(dataset, tiny_models["5b-i2v"], store, "--image-noise-variants", "2", "--resolution", "9x32x48")
+    streamed = {}
+    for shard in S.list_shards(store):
+        for sample in wds.WebDataset(str(store / shard), shardshuffle=False):
+            for member in (S.LATENT, S.IMAGE, S.TEXT):
+                if member in sample:
+                    streamed[(sample["__key__"], member)] = S.tensors_from_bytes(sample[member])
+    reader = S.ShardReader(store)
+    rows = S.read_index(store)
+    assert rows
+    for r in rows:
+        for member, (shard, off, size), key in [
+            (S.LATENT, (r["shard"], r["latent_offset"], r["latent_size"]), r["video_key"]),
+            (S.IMAGE, (r["shard"], r["image_offset"], r["image_size"]), r["video_key"]),
+            (S.TEXT, (r["text_shard"], r["text_offset"], r["text_size"]), r["text_key"]),
+        ]:
+            direct = reader.tensors(shard, off, size)
+            for name, t in direct.items():
+                assert torch.equal(t, streamed[(key, member)][name])
+        image = reader.tensors(r["shard"], r["image_offset"], r["image_size"])
+        assert image["noisy"].shape[0] == 2 and image["clean"].shape[1] == 1
+        assert ((image["sigma"] > 0) & (image["sigma"] < 1)).all()
+
+
+def test_json_layout_with_images_mixed_in(tiny_models, tmp_path):
+    data = tmp_path / "json"
+    samples = make_demo_dataset(data, count=3, seed=2, layout="json")
+    store = tmp_path / "store"
+    encode(data / "dataset.json", tiny_models["5b"], store)
+    rows = S.read_index(store)
+    kinds = {r["source"]: r["kind"] for r in rows}
+    assert "image" in kinds.values() and "video" in kinds.values()
+    assert len(rows) == len(samples)
+    for r in rows:
+        if r["kind"] == "image":
+            assert r["frames"] == 1 and r["bucket"].startswith("1x")
+
+
+def test_csv_layout_and_id_token(dataset, tiny_models, tmp_path):
+    videos, prompts = read_lines(dataset / "videos.txt"), read_lines(dataset / "prompts.txt")
+    (dataset / "prompts.txt").unlink()
+    (dataset / "videos.txt").unlink()
+    import csv
+
+    with open(dataset / "clips.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["clip", "description"])
+        w.writerows(zip(videos, prompts))
+    store = tmp_path / "store"
+    encode(dataset, tiny_models["2b"], store, "--caption-column", "description", "--video-column", "clip",
+           "--id-token", "TOK")
+    rows = S.read_index(store)
+    assert sorted(r["caption"] for r in rows) == sorted(f"TOK {p}" for p in prompts)
+
+
+def _fresh_encode(dataset, model, tmp_path, name="fresh"):
+    store = tmp_path / name
+    encode(dataset, model, store)
+    return store_content(store)
+
+
+def test_incremental_add_two_clips(dataset, tiny_models, tmp_path):
+    store, model = tmp_path / "store", tiny_models["5b"]
+    encode(dataset, model, store)
+    add_clip(dataset, "new_a.mp4", "a green square moving up over a black background", seed=1)
+    add_clip(dataset, "new_b.mp4", "a blue circle moving down over a white background", seed=2)
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 2, "texts": 2}
+    assert report(store)["changes"]["new"] == 2
+    assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
+
+
+def test_incremental_replace_clip_bytes_in_place(dataset, tiny_models, tmp_path):
+    store, model = tmp_path / "store", tiny_models["5b"]
+    encode(dataset, model, store)
+    first = read_lines(dataset / "videos.txt")[0]
+    write_video(dataset / first, (torch.rand(21, 40, 40, 3) * 255).to(torch.uint8).numpy(), fps=8)
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 1, "texts": 0}
+    assert report(store)["changes"]["changed"] == 1
+    assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
+
+
+def test_incremental_caption_edit_reencodes_the_text_only(dataset, tiny_models, tmp_path):
+    store, model = tmp_path / "store", tiny_models["5b"]
+    encode(dataset, model, store)
+    prompts = read_lines(dataset / "prompts.txt")
+    prompts[1] = "a yellow triangle moving right over a grey background"
+    write_lines(dataset / "prompts.txt", prompts)
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 0, "texts": 1}
+    assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
+
+
+def test_incremental_delete_clip_drops_it(dataset, tiny_models, tmp_path):
+    store, model = tmp_path / "store", tiny_models["5b"]
+    encode(dataset, model, store)
+    videos, prompts = read_lines(dataset / "videos.txt"), read_lines(dataset / "prompts.txt")
+    write_lines(dataset / "videos.txt", videos[1:])
+    write_lines(dataset / "prompts.txt", prompts[1:])
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 0, "texts": 0}
+    assert report(store)["changes"]["removed"] == 1
+    assert videos[0] not in {r["source"] for r in S.read_index(store)}
+    assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
+
+
+def test_incremental_model_switch_reencodes_everything(dataset, tiny_models, tmp_path):
+    from cogtune.shared.zoo import make_tiny_model
+
+    store = tmp_path / "store"
+    encode(dataset, tiny_models["5b"], store)
+    n = len(S.read_index(store))
+    other = make_tiny_model("5b", tmp_path / "other-model", seed=7)
+    encode(dataset, other, store)
+    texts = len(set(read_lines(dataset / "prompts.txt")))
+    assert report(store)["encoded"] == {"videos": n, "texts": texts}
+    assert_same_content(store_content(store), _fresh_encode(dataset, other, tmp_path))
+
+
+def test_noop_rerun_encodes_nothing_and_status_is_current(dataset, tiny_models, tmp_path):
+    store, model = tmp_path / "store", tiny_models["5b"]
+    encode(dataset, model, store)
+    before = store_content(store)
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 0, "texts": 0}
+    assert_same_content(store_content(store), before)
+    result = cogprep("status", dataset, "--store", store)
+    assert "store is current" in result.output
+    add_clip(dataset, "late.mp4", "a red square moving left over a blue background")
+    result = cogprep("status", dataset, "--store", store, expect=1)
+    assert "new 1" in result.output and "late.mp4" in result.output

@@ -1,0 +1,343 @@
+"""Batches from a store: a bucketed, resumable, data-parallel batch sampler and a prefetching loader.
+
+Order of one epoch, for a given (seed, epoch): the rows of each bucket are shuffled and chunked into batches of
+that bucket's batch size, then the order of all batches is shuffled across buckets. Every batch holds rows of one
+bucket, so its tensors stack without padding.
+
+Two choices differ from the peers on purpose (REFERENCE.md section 4):
+
+- A bucket's leftover partial batch is kept as a smaller batch, never dropped: every sample is trained on once
+  per epoch, and a bucket smaller than its batch size still yields one batch.
+- With data parallelism every rank must take the same number of steps (or DDP hangs). The epoch's batch list is
+  padded to a multiple of the world size by repeating batches from the start of the shuffled list, then rank r
+  takes batches r, r + W, r + 2W, ... So up to W - 1 batches repeat per epoch (`repeated_batches` counts them);
+  no sample is dropped.
+
+The position (epoch, batches of that epoch already taken) is the whole sampler state: the same on every rank, so a
+checkpoint saved by one rank resumes all of them. The loader yields each batch with the position after it, so a
+checkpoint written after a step resumes exactly at the next batch, however far the prefetch thread has read ahead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cogtune.shared.errors import CogtuneError
+from cogtune.shared.store import INDEX, Manifest, ShardReader, read_index, read_sample
+
+# Separate random streams drawn from one seed: the epoch order and the I2V noise-variant draws.
+_SHUFFLE_STREAM = 0
+_VARIANT_STREAM = 1
+
+
+@dataclass(frozen=True)
+class SamplerPosition:
+    """Where iteration continues: the next batch is this rank's batch `batch` of epoch `epoch`."""
+
+    epoch: int
+    """Epoch the next batch belongs to (counted from 0)."""
+    batch: int
+    """Batches of that epoch this rank has already taken; equal on every rank."""
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch as the sampler plans it, with what the loader needs to read it reproducibly."""
+
+    rows: list[int]
+    """Positions of the batch's samples in the index (all of one bucket)."""
+    epoch: int
+    """Epoch of this batch."""
+    global_index: int
+    """Index of this batch in the epoch's padded batch list, unique across ranks: seeds the I2V draws."""
+    after: SamplerPosition
+    """Position after this batch: where a checkpoint saved after this step resumes."""
+
+
+class BucketBatchSampler:
+    """Yields batches of index-row positions, one bucket per batch, forever, epoch after epoch.
+
+    `row_buckets[i]` is the bucket of index row i. A bucket's batch size comes from `bucket_batch_sizes`
+    (the manifest's), else `batch_size`. Iteration starts at `position` (see `load_state_dict`) and moves it
+    past every batch it yields, so `state_dict()` taken after k batches resumes at batch k + 1. Run one
+    iterator at a time.
+    """
+
+    def __init__(
+        self,
+        row_buckets: Sequence[str],
+        batch_size: int,
+        *,
+        bucket_batch_sizes: Mapping[str, int] | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not row_buckets:
+            raise CogtuneError("the store holds no samples: nothing to train on")
+        if batch_size < 1:
+            raise CogtuneError(f"batch size must be at least 1, got {batch_size}")
+        if seed < 0:
+            raise CogtuneError(f"seed must be non-negative, got {seed}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise CogtuneError(f"rank {rank} is outside a world of {world_size} processes")
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.position = SamplerPosition(epoch=0, batch=0)
+        self._bucket_rows: dict[str, list[int]] = {}
+        for row, bucket in enumerate(row_buckets):
+            self._bucket_rows.setdefault(bucket, []).append(row)
+        # sorted: the epoch order must not depend on the order buckets happen to appear in the index
+        self._bucket_rows = dict(sorted(self._bucket_rows.items()))
+        overrides = bucket_batch_sizes or {}
+        self.batch_sizes = {bucket: overrides.get(bucket) or batch_size for bucket in self._bucket_rows}
+        for bucket, size in self.batch_sizes.items():
+            if size < 1:
+                raise CogtuneError(f"bucket {bucket}: batch size must be at least 1, got {size}")
+        self.batches_per_epoch = sum(
+            -(-len(rows) // self.batch_sizes[bucket]) for bucket, rows in self._bucket_rows.items()
+        )
+        self._layout = self._layout_fingerprint()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches each rank takes per epoch: the same on every rank."""
+        return -(-self.batches_per_epoch // self.world_size)
+
+    @property
+    def repeated_batches(self) -> int:
+        """Batches repeated per epoch so that every rank takes `steps_per_epoch` (fewer than the world size)."""
+        return self.steps_per_epoch * self.world_size - self.batches_per_epoch
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's padded batch list for all ranks; this rank takes items rank, rank + W, ..."""
+        rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, epoch])
+        batches: list[list[int]] = []
+        for bucket, rows in self._bucket_rows.items():
+            shuffled = [rows[i] for i in rng.permutation(len(rows))]
+            size = self.batch_sizes[bucket]
+            batches.extend(shuffled[start : start + size] for start in range(0, len(shuffled), size))
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        # cyclic, for the case of fewer batches than ranks
+        batches.extend(batches[i % len(batches)] for i in range(self.repeated_batches))
+        return batches
+
+    def plan(self, start: SamplerPosition) -> Iterator[PlannedBatch]:
+        """This rank's batches from `start` on, forever. Pure: leaves `position` alone."""
+        epoch, index = start.epoch, start.batch
+        while True:
+            batches = self.epoch_batches(epoch)
+            for i in range(index, self.steps_per_epoch):
+                global_index = i * self.world_size + self.rank
+                after = SamplerPosition(epoch, i + 1) if i + 1 < self.steps_per_epoch else SamplerPosition(epoch + 1, 0)
+                yield PlannedBatch(rows=batches[global_index], epoch=epoch, global_index=global_index, after=after)
+            epoch, index = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for planned in self.plan(self.position):
+            self.position = planned.after
+            yield planned.rows
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, JSON-ready, with what it is only valid for (seed, world size, bucket layout)."""
+        return {
+            "epoch": self.position.epoch,
+            "batch": self.position.batch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "layout": self._layout,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved position; refuses one saved under a different seed, world size or data layout."""
+        for name, current in (("seed", self.seed), ("world_size", self.world_size)):
+            if state.get(name) != current:
+                raise CogtuneError(
+                    f"cannot resume: the checkpoint's data order was made with {name} {state.get(name)}, "
+                    f"this run has {current} (resume with the same {name}, or start a new run)"
+                )
+        if state.get("layout") != self._layout:
+            raise CogtuneError(
+                "cannot resume: the store's samples or batch sizes changed since the checkpoint "
+                "(resume with the same store and batch sizes, or start a new run)"
+            )
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if epoch < 0 or not 0 <= batch < self.steps_per_epoch:
+            raise CogtuneError(f"cannot resume: position epoch {epoch} batch {batch} is out of range")
+        self.position = SamplerPosition(epoch, batch)
+
+    def _layout_fingerprint(self) -> str:
+        """Hash of which rows are in which bucket and the batch sizes: a position means nothing if they change."""
+        layout = {bucket: [rows, self.batch_sizes[bucket]] for bucket, rows in self._bucket_rows.items()}
+        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class StoreDataset:
+    """The index rows of a store, read by random access and stacked into batch dicts.
+
+    A batch dict holds ``mean``, ``logvar`` [B, C, F, H, W] (unscaled posterior), ``embedding`` [B, L, D] and
+    ``rows`` [B] (index positions). For I2V stores it adds ``clean`` [B, C, 1, H, W] and, per sample, one of the K
+    cached noise-augmented image latents: ``noisy`` [B, C, 1, H, W], its ``sigma`` [B] and ``variant`` [B] (which
+    of the K). The variant is drawn from (seed, epoch, batch, row), so a resumed run draws the same ones.
+    Reads go through one file-handle cache: use a dataset from one thread at a time.
+    """
+
+    def __init__(self, store: Path, seed: int = 0):
+        self.store = Path(store)
+        self.manifest = Manifest.load(self.store)
+        self.rows = read_index(self.store)
+        if not self.rows:
+            raise CogtuneError(f"{self.store / INDEX}: no samples (run cogprep encode first)")
+        self.seed = seed
+        self._reader = ShardReader(self.store)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def row_buckets(self) -> list[str]:
+        return [row["bucket"] for row in self.rows]
+
+    @property
+    def bucket_batch_sizes(self) -> dict[str, int]:
+        """Per-bucket batch sizes the manifest sets (buckets without one use the global batch size)."""
+        return {b["name"]: b["batch_size"] for b in self.manifest.buckets if b.get("batch_size")}
+
+    def read_batch(self, planned: PlannedBatch) -> dict[str, torch.Tensor]:
+        samples = [read_sample(self._reader, self.rows[row]) for row in planned.rows]
+        with_image = ["noisy" in sample for sample in samples]
+        if any(with_image) and not all(with_image):
+            raise CogtuneError(f"{self.store / INDEX}: rows with and without image latents in one bucket")
+        batch = {
+            name: torch.stack([sample[name] for sample in samples]) for name in ("mean", "logvar", "embedding")
+        }
+        batch["rows"] = torch.tensor(planned.rows, dtype=torch.long)
+        if all(with_image):
+            variants = [
+                self._draw_variant(planned, row, len(sample["sigma"])) for row, sample in zip(planned.rows, samples)
+            ]
+            batch["clean"] = torch.stack([sample["clean"] for sample in samples])
+            batch["noisy"] = torch.stack([sample["noisy"][k] for sample, k in zip(samples, variants)])
+            batch["sigma"] = torch.stack([sample["sigma"][k] for sample, k in zip(samples, variants)])
+            batch["variant"] = torch.tensor(variants, dtype=torch.long)
+        return batch
+
+    def _draw_variant(self, planned: PlannedBatch, row: int, count: int) -> int:
+        rng = np.random.default_rng([self.seed, _VARIANT_STREAM, planned.epoch, planned.global_index, row])
+        return int(rng.integers(count))
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception raised in the prefetch thread, handed to the consumer to re-raise."""
+
+    error: BaseException
+    """What the thread raised."""
+
+
+class StoreLoader:
+    """Yields ``(batch, position)`` forever: the batch dict, and the sampler state after it (JSON-ready).
+
+    Save ``position`` with a checkpoint taken after the batch's step; `load_state_dict(position)` on a fresh
+    loader continues with the next batch. With `prefetch` > 0 a background thread reads up to `prefetch`
+    batches ahead into a bounded queue, so the step does not wait on disk; `prefetch` 0 reads in the caller.
+    Both give the same batches. One iteration at a time; a new `iter()` restarts from the last yielded position.
+    """
+
+    def __init__(self, dataset: StoreDataset, sampler: BucketBatchSampler, prefetch: int = 2):
+        if prefetch < 0:
+            raise CogtuneError(f"prefetch must be 0 or more, got {prefetch}")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.prefetch = prefetch
+
+    @classmethod
+    def from_store(
+        cls,
+        store: Path,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+    ) -> StoreLoader:
+        """The loader a training run uses: the manifest's per-bucket batch sizes, `batch_size` for the rest."""
+        dataset = StoreDataset(store, seed=seed)
+        sampler = BucketBatchSampler(
+            dataset.row_buckets,
+            batch_size,
+            bucket_batch_sizes=dataset.bucket_batch_sizes,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        return cls(dataset, sampler, prefetch=prefetch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch yielded to the caller (not after what the thread read ahead)."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        planned_batches = self.sampler.plan(self.sampler.position)
+        if self.prefetch == 0:
+            for planned in planned_batches:
+                batch = self.dataset.read_batch(planned)
+                self.sampler.position = planned.after
+                yield batch, self.sampler.state_dict()
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._read_ahead, args=(planned_batches, ready, stop), daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if isinstance(item, _Failure):
+                    raise item.error
+                batch, after = item
+                # the sampler follows what the caller has received, not what the thread has read
+                self.sampler.position = after
+                yield batch, self.sampler.state_dict()
+        finally:
+            stop.set()
+            thread.join()
+
+    def _read_ahead(self, planned_batches: Iterator[PlannedBatch], ready: queue.Queue, stop: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            # a bounded wait, so that a consumer that stopped listening (stop set) never leaves us blocked
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for planned in planned_batches:
+                if not put((self.dataset.read_batch(planned), planned.after)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
+            put(_Failure(error))
