@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections import Counter
@@ -32,6 +33,10 @@ from .frames import resize_to_bucket
 from .plan import CACHE_DIR, EncodeSettings, Plan, VideoJob, plan_encode
 
 PENDING = ".pending"
+KILL_HOOK = "COGTUNE_TEST_KILL_AT"
+"""Test hook for the crash tests (tests/test_prep_robust.py), never set in real use: ``item:N`` kills this
+process with SIGKILL right after its N-th item is written to a shard, ``index`` right after index.parquet is
+written and before store.json."""
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 PREP_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
@@ -70,6 +75,11 @@ class EncodeResult:
     seconds: float = 0.0
 
 
+def _test_kill(point: str) -> None:
+    if os.environ.get(KILL_HOOK) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment (torchrun, accelerate)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
@@ -102,23 +112,23 @@ def run_encode(
     started = time.time()
     store = Path(store)
     rank, world, local_rank = dist_info()
-    created = not store.exists()
-    store.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
+    created = _first_missing(store)  # the topmost folder this run makes; None where the store exists
+    if rank == 0 and created is None:
         S.remove_temp_shards(store)
         shutil.rmtree(store / PENDING, ignore_errors=True)
     _barrier(world)
 
     hashes = FileHashes(store / CACHE_DIR / "files.json", verify=options.verify)
     vae_fp, text_fp, fps = model_fingerprints(model, hashes)
-    plan = plan_encode(dataset, spec, settings, vae_fp, text_fp, store, hashes)
+    plan = plan_encode(dataset, spec, settings, vae_fp, text_fp, store, hashes, save_caches=False)
     result = EncodeResult(plan=plan)
     if options.strict and plan.bad:
-        if created and rank == 0:
-            shutil.rmtree(store, ignore_errors=True)
         raise CogtuneError(f"{plan.bad[0].reason} (and {len(plan.bad) - 1} more bad items; --strict writes nothing)"
                            if len(plan.bad) > 1 else f"{plan.bad[0].reason} (--strict writes nothing)")
 
+    store.mkdir(parents=True, exist_ok=True)
+    if not options.strict:  # --strict writes nothing before it commits, not even the caches
+        plan.save_caches()
     device = _device(options.device, local_rank)
     compute = torch.float32 if device.type == "cpu" and options.compute_dtype == "auto" else (
         torch.bfloat16 if options.compute_dtype == "auto" else parse_dtype(options.compute_dtype))
@@ -129,15 +139,21 @@ def run_encode(
     extras_stale = rank == 0 and _extras_stale(store, text_fp, options)
 
     writers: dict[str, S.ShardWriter] = {}
+    made: list[Path] = []  # shard folders this run created
 
     def writer(bucket: str) -> S.ShardWriter:
         if bucket not in writers:
+            missing = _first_missing(store / S.SHARDS / bucket)
+            if missing is not None:
+                made.append(missing)
             writers[bucket] = S.ShardWriter(store, bucket, prefix, options.shard_max_bytes, options.shard_max_items)
         return writers[bucket]
 
     new_texts: dict[str, list] = {}
     new_videos: dict[str, dict[str, list]] = {}
     failures: dict[str, str] = {}
+    extras = None
+    written = 0
     try:
         if my_texts or extras_stale:
             tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute).to(device)
@@ -152,9 +168,11 @@ def run_encode(
                         S.META: json.dumps({"caption": plan.text_jobs[key], "tokens": n}).encode(),
                     })
                     new_texts[key] = [*_loc(loc[S.TEXT]), n]
+                    written += 1
+                    _test_kill(f"item:{written}")
                 result.encoded_texts += len(keys)
             if extras_stale:
-                _write_extras(store, tokenizer, text_encoder, settings, text_fp, options, device, storage)
+                extras = _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, storage)
             del text_encoder
         if my_videos:
             vae = model.load_vae(compute).to(device)
@@ -172,9 +190,13 @@ def run_encode(
                 members = encode_video_item(vae, decoded, job, settings, device, compute, storage)
                 locs = writer(job.bucket.name).add(job.key, members)
                 new_videos[job.key] = {m: _loc(l) for m, l in locs.items() if m != S.META}
+                written += 1
+                _test_kill(f"item:{written}")
                 result.encoded_videos += 1
         for w in writers.values():
             w.close()
+        if extras is not None:
+            S.write_extras(store, *extras)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -182,8 +204,10 @@ def run_encode(
             for w in writers.values():
                 for shard in w.closed_shards:
                     (store / shard).unlink(missing_ok=True)
-            if created and rank == 0:
-                shutil.rmtree(store, ignore_errors=True)
+            for folder in made:
+                shutil.rmtree(folder, ignore_errors=True)
+            if created is not None and rank == 0:
+                shutil.rmtree(created, ignore_errors=True)
         raise
 
     pending = store / PENDING / f"{prefix}.json"
@@ -191,6 +215,8 @@ def run_encode(
     S.atomic_write_text(pending, json.dumps({"texts": new_texts, "videos": new_videos, "failures": failures}))
     _barrier(world)
     if rank == 0:
+        if options.strict:
+            plan.save_caches()
         _commit(store, model, plan, settings, spec, fps, dataset_info, result)
         result.seconds = time.time() - started
         _write_report(store, result)
@@ -278,6 +304,16 @@ def _decoded(jobs: list[VideoJob], resize: str, i2v: bool, options: RunOptions):
         yield jobs[decoded["index"]], decoded
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` (itself included) that does not exist yet; None where `path` exists."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 def _device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -320,7 +356,8 @@ def _extras_stale(store: Path, text_fp: str, options: RunOptions) -> bool:
     return meta.get("inputs") != want
 
 
-def _write_extras(store, tokenizer, text_encoder, settings, text_fp, options, device, storage) -> None:
+def _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, storage):
+    """extras.safetensors' tensors and metadata (written once every shard of the run is closed)."""
     prompts, images = _validation_inputs(options)
     embeds, _ = encode_prompts(tokenizer, text_encoder, [""] + prompts, settings.text_length, device)
     tensors = {"empty_embedding": embeds[0].to(storage)}
@@ -330,7 +367,7 @@ def _write_extras(store, tokenizer, text_encoder, settings, text_fp, options, de
         tensors[f"validation_image_{i}"] = torch.from_numpy(read_frames(p, [0])[0].copy())
     meta = {"inputs": hash_json([text_fp, prompts, [str(p) for p in images]]),
             "validation_prompts": json.dumps(prompts)}
-    S.write_extras(store, tensors, meta)
+    return tensors, meta
 
 
 def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spec: BucketSpec,
@@ -339,8 +376,11 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
     videos = dict(plan.video_locations)
     texts = dict(plan.text_locations)
     failures: dict[str, str] = {}
+    result.encoded_videos = result.encoded_texts = 0  # every rank's work, from the lists they left
     for pending in sorted((store / PENDING).glob("*.json")):
         data = json.loads(pending.read_text())
+        result.encoded_videos += len(data["videos"])
+        result.encoded_texts += len(data["texts"])
         for key, members in data["videos"].items():
             videos[key] = {m: S.Location(*loc) for m, loc in members.items()}
         for key, (shard, offset, size, tokens) in data["texts"].items():
@@ -372,6 +412,7 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
             "text_tokens": tokens,
         })
     S.write_index(store, rows)
+    _test_kill("index")
     counts = Counter(r["bucket"] for r in rows)
     buckets = []
     for name in sorted(counts):

@@ -80,6 +80,13 @@ class Plan:
     bad: list[BadItem]
     changes: dict[str, list[str]] = field(default_factory=dict)
     """Sources by what an encode does to them: new, changed, removed, unchanged."""
+    caches: list[Any] = field(default_factory=list, repr=False)
+    """The file hash and probe caches planning filled (see `save_caches`)."""
+
+    def save_caches(self) -> None:
+        """Write the file hash and probe caches into the store's cache folder."""
+        for cache in self.caches:
+            cache.save()
 
     @property
     def stale(self) -> bool:
@@ -124,8 +131,11 @@ def plan_encode(
     text_fingerprint: str,
     store: Path,
     hashes: FileHashes,
+    save_caches: bool = True,
 ) -> Plan:
-    """Compare the dataset as it is now with the store and list the work. Reads no video that it knows."""
+    """Compare the dataset as it is now with the store and list the work. Reads no video that it knows.
+
+    With `save_caches` False nothing is written (the caller calls `Plan.save_caches` when it may write)."""
     probes = ProbeCache(Path(store) / CACHE_DIR / "probe.json")
     bad = list(dataset.bad)
     samples: list[dict[str, Any]] = []
@@ -145,8 +155,9 @@ def plan_encode(
             samples.append(row)
             jobs[job.key] = job
     _dedupe_keys(samples)
-    hashes.save()
-    probes.save()
+    if save_caches:
+        hashes.save()
+        probes.save()
 
     old_rows = S.read_index(store)
     video_locations, text_locations = _known_items(store, old_rows)
@@ -157,6 +168,7 @@ def plan_encode(
         video_locations=video_locations,
         text_locations=text_locations,
         bad=bad,
+        caches=[hashes, probes],
     )
     plan.changes = _changes(old_rows, samples)
     return plan

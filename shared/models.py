@@ -135,7 +135,8 @@ def open_model(source: str | Path, components: tuple[str, ...] = COMPONENTS) -> 
 def _download(repo_id: str, components: tuple[str, ...]) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "transformer/config.json", "vae/config.json"] + [f"{c}/*" for c in components]
+    # configs of every component: variant detection and the store's model check read them without the weights
+    patterns = ["model_index.json", *(f"{c}/*config.json" for c in COMPONENTS), *(f"{c}/*" for c in components)]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # the hub client raises many types; the user needs one line

@@ -158,7 +158,8 @@ def _read_image(path: Path) -> np.ndarray:
         raise CogtuneError(f"{path}: not a readable image ({_short(e)})") from None
 
 
-_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: )?")
+# decord's messages start with a time and a C++ source line, sometimes several nested ("[t] a.cc:1: [t] b.cc:2: ...")
+_DECORD_PREFIX = re.compile(r"^(\[[\d:]+\] \S+:\d+: )+(Check failed: )?")
 
 
 def _short(error: Exception) -> str:

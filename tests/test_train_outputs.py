@@ -1,0 +1,301 @@
+"""Training outputs load where users load them: LoRA and full weights into fresh diffusers pipelines, validation
+videos from a real cogprep store, a model card whose snippet names the right pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import CogVideoXTransformer3DModel
+from peft import LoraConfig
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cogtune.shared.demo import make_demo_dataset
+from cogtune.shared.models import open_model
+from cogtune.shared.store import Manifest, write_extras
+from cogtune.shared.video import read_frames, read_video_info
+from cogtune.shared.zoo import TINY_NATIVE
+from cogtune.train.math import TrainBatch, ofs_tensor, padded_frame_count, rotary_embeddings, training_step
+from cogtune.train.outputs import LORA_WEIGHT_NAME, save_full, save_lora, write_model_card
+from cogtune.train.validation import run_validation
+
+from prep_helpers import encode
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RANK, ALPHA = 4, 8  # alpha != rank: a loader that assumes alpha = rank gets half the trained strength
+
+
+class DDPLike(torch.nn.Module):
+    """Stands in for a DDP / accelerate wrapper: the trained model sits in ``.module``."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def latent_size(model) -> tuple[int, int, int]:
+    frames, height, width = TINY_NATIVE[model.variant.generation]
+    return (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def train_a_little(transformer, model, steps: int = 2) -> None:
+    """A few AdamW steps of the real training math on random latents, so every trainable weight moves."""
+    variant = model.variant
+    scheduler = model.load_scheduler()
+    frames, h, w = latent_size(model)
+    g = torch.Generator().manual_seed(0)
+    batch = TrainBatch(
+        latent_mean=torch.randn(1, 16, frames, h, w, generator=g),
+        latent_logvar=torch.full((1, 16, frames, h, w), -4.0),
+        prompt_embeds=torch.randn(1, 226, 16, generator=g),
+        image_latents=torch.randn(1, 16, 1, h, w, generator=g) if variant.task == "i2v" else None,
+    )
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
+    transformer.train()
+    for _ in range(steps):
+        loss = training_step(
+            transformer, scheduler, batch, vae_scaling_factor=variant.vae_scaling_factor,
+            invert_scale_latents=variant.invert_scale_latents, generator=g,
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def forward(transformer, model) -> torch.Tensor:
+    """The transformer's prediction on fixed inputs of the tiny native size, as the pipelines call it."""
+    config = transformer.config
+    frames, h, w = latent_size(model)
+    frames = padded_frame_count(frames, config.patch_size_t)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, frames, config.in_channels, h, w, generator=g),
+            encoder_hidden_states=torch.randn(1, 226, 16, generator=g),
+            timestep=torch.tensor([500]),
+            ofs=ofs_tensor(config, 1, "cpu", torch.float32),
+            image_rotary_emb=rotary_embeddings(config, h, w, frames, "cpu"),
+            return_dict=False,
+        )[0]
+
+
+def lora_layers(transformer) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in transformer.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+
+
+def merged_weights(transformer, adapter: str, scale: float) -> dict[str, torch.Tensor]:
+    """W + B @ A * scale for every LoRA layer, computed from the peft parameters."""
+    return {
+        name: (m.base_layer.weight + m.lora_B[adapter].weight @ m.lora_A[adapter].weight * scale).detach()
+        for name, m in lora_layers(transformer).items()
+    }
+
+
+def fused_weights(pipe, names) -> dict[str, torch.Tensor]:
+    """The transformer's weights after ``fuse_lora``: the LoRA folded into each layer's base weight."""
+    pipe.fuse_lora()
+    return {name: pipe.transformer.get_submodule(name).base_layer.weight.detach() for name in names}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+@pytest.fixture(scope="module", params=["5b", "1.5-5b-i2v"])
+def trained_lora(request, tiny_models, tmp_path_factory):
+    """(model, trained transformer with a LoRA, run folder with the saved LoRA)."""
+    model = open_model(tiny_models[request.param])
+    transformer = model.load_transformer()
+    transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=True))
+    train_a_little(transformer, model)
+    assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in lora_layers(transformer).values())
+    run = tmp_path_factory.mktemp("lora-run")
+    saved = save_lora(DDPLike(transformer), run, rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+    assert saved == run / LORA_WEIGHT_NAME
+    return model, transformer, run
+
+
+def test_lora_loads_into_a_fresh_pipeline_with_the_trained_strength(trained_lora):
+    model, trained, run = trained_lora
+    expected = merged_weights(trained, "default", ALPHA / RANK)
+    pipe = model.pipeline_class().from_pretrained(model.path)
+    base_output = forward(pipe.transformer, model)
+    pipe.load_lora_weights(run, adapter_name="cogtune")
+
+    loaded_output = forward(pipe.transformer, model)
+    torch.testing.assert_close(loaded_output, forward(trained, model), rtol=0, atol=1e-5)
+    assert not torch.allclose(loaded_output, base_output, atol=1e-3)
+    assert_same_weights(fused_weights(pipe, expected.keys()), expected)
+
+
+def test_lora_file_holds_float32_diffusers_keys_and_no_staging_leftovers(trained_lora):
+    _, trained, run = trained_lora
+    with safe_open(str(run / LORA_WEIGHT_NAME), framework="pt") as f:
+        keys = list(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in keys)
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert len(keys) == 2 * len(lora_layers(trained))
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert metadata["transformer.r"] == RANK and metadata["transformer.lora_alpha"] == ALPHA
+    assert sorted(metadata["transformer.target_modules"]) == sorted(TARGETS)
+    assert [p.name for p in run.iterdir()] == [LORA_WEIGHT_NAME]
+    assert (run / LORA_WEIGHT_NAME).stat().st_mode & 0o044  # not the owner-only mode safetensors creates
+
+
+def test_without_the_metadata_the_same_weights_load_at_the_wrong_strength(trained_lora, tmp_path):
+    """Why the metadata matters: stripped of it, diffusers assumes alpha = rank and the LoRA loads at half strength."""
+    model, trained, run = trained_lora
+    with safe_open(str(run / LORA_WEIGHT_NAME), framework="pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(tmp_path / LORA_WEIGHT_NAME), metadata={"format": "pt"})
+    pipe = model.pipeline_class().from_pretrained(model.path)
+    pipe.load_lora_weights(tmp_path, adapter_name="cogtune")
+
+    loaded = fused_weights(pipe, lora_layers(trained).keys())
+    trained_merged = merged_weights(trained, "default", ALPHA / RANK)
+    assert all(not torch.allclose(loaded[n], trained_merged[n], atol=1e-4) for n in loaded)
+    assert_same_weights(loaded, merged_weights(trained, "default", 1.0))
+
+
+def test_save_lora_refuses_settings_that_differ_from_the_adapter(trained_lora, tmp_path):
+    _, trained, _ = trained_lora
+    with pytest.raises(ValueError, match="alpha"):
+        save_lora(trained, tmp_path, rank=RANK, alpha=RANK, target_modules=TARGETS)
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# full fine-tune
+
+
+def test_full_transformer_round_trips_and_runs_in_the_pipeline(tiny_models, tmp_path):
+    model = open_model(tiny_models["5b"])
+    transformer = model.load_transformer()
+    train_a_little(transformer, model, steps=1)
+    save_full(DDPLike(transformer), tmp_path)
+    train_a_little(transformer, model, steps=1)  # saving again must replace the folder whole
+    folder = save_full(transformer, tmp_path)
+
+    assert folder == tmp_path / "transformer" and [p.name for p in tmp_path.iterdir()] == ["transformer"]
+    loaded = CogVideoXTransformer3DModel.from_pretrained(folder)
+    trained_state = transformer.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, trained_state[name]), name
+    pipe = model.pipeline_class().from_pretrained(model.path, transformer=loaded)
+    video = pipe(prompt="a red circle", num_frames=9, height=32, width=32, num_inference_steps=2,
+                 output_type="np").frames
+    assert video.shape == (1, 9, 32, 32, 3) and np.isfinite(video).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory):
+    """One demo clip, two validation prompts, and a first-frame image for each (for I2V)."""
+    path = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(path, count=1, seed=3)
+    (path / "validation.txt").write_text("a red circle moving left to right\na blue square moving up\n")
+    for i, colour in enumerate([(200, 30, 30), (30, 60, 220)]):
+        Image.new("RGB", (40, 28), colour).save(path / f"first_{i}.png")
+    (path / "validation_images.txt").write_text("first_0.png\nfirst_1.png\n")
+    return path
+
+
+def encoded_store(dataset, model_path, out, *extra):
+    """A real cogprep store of the demo clip at the tiny 1.0 native size, with the validation prompts."""
+    frames, height, width = TINY_NATIVE["1.0"]
+    encode(dataset, model_path, out, "--resolution", f"{frames}x{height}x{width}",
+           "--validation-prompts", dataset / "validation.txt", *extra)
+    return out
+
+
+def assert_videos(paths, out_dir, step, size):
+    assert paths == [out_dir / "validation" / f"step-{step:06d}-{i}.mp4" for i in range(2)]
+    for path in paths:
+        info = read_video_info(path)
+        assert (info.num_frames, info.height, info.width) == size
+
+
+def test_validation_renders_text_to_video_from_the_store(tiny_models, demo_dataset, tmp_path):
+    model = open_model(tiny_models["5b"])
+    store = encoded_store(demo_dataset, model.path, tmp_path / "store")
+    transformer = model.load_transformer().train()
+    args = dict(device="cpu", dtype=torch.float32, seed=5, num_inference_steps=2, num_frames=9, height=32, width=32)
+
+    first = run_validation(transformer, model, store, tmp_path / "run", 1, **args)
+    second = run_validation(transformer, model, store, tmp_path / "run", 20, **args)
+    assert_videos(first, tmp_path / "run", 1, (9, 32, 32))
+    assert_videos(second, tmp_path / "run", 20, (9, 32, 32))
+    assert read_video_info(first[0]).fps == model.variant.fps
+    assert transformer.training
+    # fixed noise: unchanged weights give the same video at every step, so steps can be compared
+    assert np.array_equal(read_frames(first[0], range(9)), read_frames(second[0], range(9)))
+    assert not np.array_equal(read_frames(first[0], range(9)), read_frames(first[1], range(9)))
+
+
+def test_validation_renders_image_to_video_at_the_first_bucket(tiny_models, demo_dataset, tmp_path):
+    model = open_model(tiny_models["1.5-5b-i2v"])
+    store = encoded_store(demo_dataset, model.path, tmp_path / "store",
+                          "--validation-images", demo_dataset / "validation_images.txt", "--image-noise-variants", "1")
+    bucket = Manifest.load(store).buckets[0]
+    paths = run_validation(model.load_transformer(), model, store, tmp_path / "run", 3, device="cpu",
+                           dtype=torch.float32, seed=0, num_inference_steps=2, num_frames=None, height=None, width=None)
+    assert_videos(paths, tmp_path / "run", 3, (bucket["frames"], bucket["height"], bucket["width"]))
+
+
+def test_validation_without_prompts_writes_nothing(tiny_models, tmp_path):
+    write_extras(tmp_path, {"empty_embedding": torch.zeros(226, 16)}, {"validation_prompts": "[]"})
+    model = open_model(tiny_models["5b"])
+    paths = run_validation(torch.nn.Module(), model, tmp_path, tmp_path / "run", 1, device="cpu",
+                           dtype=torch.float32, seed=0, num_inference_steps=2, num_frames=None, height=None, width=None)
+    assert paths == [] and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model card
+
+CONFIG = {"mode": "lora", "learning_rate": 1e-4, "lora": {"rank": RANK, "alpha": ALPHA}, "note": "a|b"}
+
+
+def card_parts(path):
+    _, front, body = path.read_text().split("---\n", 2)
+    snippet = body.split("```python\n", 1)[1].split("```", 1)[0]
+    return yaml.safe_load(front), body, snippet
+
+
+def test_lora_model_card_has_front_matter_snippet_and_settings(tmp_path):
+    path = write_model_card(tmp_path, CONFIG, "THUDM/CogVideoX-5b", "5b", "lora")
+    front, body, snippet = card_parts(path)
+    assert front["base_model"] == "THUDM/CogVideoX-5b" and front["library_name"] == "diffusers"
+    assert {"cogvideox", "lora", "text-to-video"} <= set(front["tags"])
+    compile(snippet, "snippet", "exec")
+    assert "CogVideoXPipeline.from_pretrained('THUDM/CogVideoX-5b', torch_dtype=torch.bfloat16)" in snippet
+    assert f"RUN_DIR = {str(tmp_path.resolve())!r}" in snippet
+    assert 'pipe.load_lora_weights(RUN_DIR, adapter_name="cogtune")' in snippet
+    assert "fps=8" in snippet
+    rows = ["| learning_rate | 0.0001 |", f"| lora.rank | {RANK} |", f"| lora.alpha | {ALPHA} |", "| note | a\\|b |"]
+    for row in rows:
+        assert row in body
+
+
+def test_full_model_card_loads_the_transformer_into_the_image_to_video_pipeline(tiny_models, tmp_path):
+    path = write_model_card(tmp_path, {"mode": "full"}, str(tiny_models["1.5-5b-i2v"]), "1.5-5b-i2v", "full")
+    front, _, snippet = card_parts(path)
+    assert "base_model" not in front  # a local folder is no hub link
+    assert front["pipeline_tag"] == "image-to-video"
+    compile(snippet, "snippet", "exec")
+    assert 'CogVideoXTransformer3DModel.from_pretrained(\n    RUN_DIR, subfolder="transformer"' in snippet
+    assert "CogVideoXImageToVideoPipeline.from_pretrained(" in snippet and "transformer=transformer" in snippet
+    assert "image=image" in snippet and "fps=16" in snippet

@@ -1,0 +1,281 @@
+"""cogtrain run end to end on tiny models: outputs, exact resume, refusals, two processes, --config files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cogtune.shared import store as S
+from cogtune.shared.demo import make_demo_dataset
+from cogtune.shared.models import open_model
+from cogtune.train import cli as train_cli
+from cogtune.train.config import TrainConfig
+
+from prep_helpers import add_clip, encode
+from store_builder import build_random_store
+
+FAST = ("--mixed-precision", "no", "--report-to", "none", "--no-progress", "--rank", "4")
+"""Options every test run takes: float32 on the CPU, no tracker, no bar, a small adapter."""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("train-demo") / "data"
+    make_demo_dataset(path, count=4, seed=1, layout="txt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(dataset, tiny_models, tmp_path_factory) -> Path:
+    """A real store: cogprep encode of the demo dataset on the tiny 5b, with one validation prompt."""
+    folder = tmp_path_factory.mktemp("train-store")
+    prompts = folder / "validation.txt"
+    prompts.write_text("a red circle moving left to right over a blue background\n")
+    encode(dataset, tiny_models["5b"], folder / "store", "--validation-prompts", prompts)
+    return folder / "store"
+
+
+def cogtrain(store: Path, model: Path, out: Path, *args: str, expect: int = 0):
+    """`cogtrain run` in this process; returns the click Result."""
+    argv = ["run", "--store", store, "--model", model, "--out", out, *FAST, *args]
+    result = CliRunner().invoke(train_cli.app, [str(a) for a in argv])
+    assert result.exit_code == expect, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    return result
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = (run / "losses.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{a.name}: {name} differs"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a run and what it leaves
+
+
+def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, tiny_models, tmp_path):
+    run = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "4", "--checkpoint-every", "2",
+                      "--keep-checkpoints", "1", "--validate-every", "4", "--validation-steps", "2",
+                      "--report-to", "tensorboard")
+    assert "final loss" in result.stdout
+
+    lora = load_file(run / "pytorch_lora_weights.safetensors")
+    assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in lora.items()), "LoRA B starts at 0: training moves it"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000004"]  # keep 1
+    checkpoint = load_file(run / "checkpoints" / "step-000004" / "model.safetensors")
+    assert all("lora_" in k for k in checkpoint), "a LoRA checkpoint holds the adapter only, not the frozen model"
+    logged = losses(run)
+    assert sorted(logged) == [1, 2, 3, 4] and all(math.isfinite(v) for v in logged.values())
+    assert (run / "README.md").read_text().strip()
+    assert [p.name for p in (run / "validation").iterdir()] == ["step-000004-0.mp4"]
+    assert list((run / "logs").rglob("events.out.tfevents.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["steps_per_rank"] == [4]
+
+    saved = TrainConfig.from_file(run / "config.yaml")
+    assert (saved.max_steps, saved.rank, saved.mode, saved.store) == (4, 4, "lora", store)
+
+    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "5", "--resume", "latest", "--rank", "8",
+                      expect=2)
+    assert "its weights do not fit this run" in result.stderr
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "options", "weights"),
+    [
+        # dropout in the LoRA and on captions: resume must restore the global generators and the per-step ones
+        ("lora", ("--lora-dropout", "0.1", "--caption-dropout", "0.5"), "pytorch_lora_weights.safetensors"),
+        ("sft", ("--batch-size", "1", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-5",
+                 "--no-gradient-checkpointing"), "transformer/diffusion_pytorch_model.safetensors"),
+    ],
+)
+def test_resume_reproduces_the_uninterrupted_run(store, tiny_models, tmp_path, mode, options, weights):
+    model = tiny_models["5b"]
+    common = ("--mode", mode, "--checkpoint-every", "3", "--keep-checkpoints", "0", *options)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    # LoRA validates in the uninterrupted run only: validation must not change what training draws
+    validation = ("--validate-every", "3", "--validation-steps", "1") if mode == "lora" else ()
+    cogtrain(store, model, whole, "--max-steps", "6", *common, *validation)
+    cogtrain(store, model, resumed, "--max-steps", "3", *common)
+    cogtrain(store, model, resumed, "--max-steps", "6", "--resume", "latest", *common)
+
+    if validation:
+        assert sorted(p.name for p in (whole / "validation").iterdir()) == ["step-000003-0.mp4", "step-000006-0.mp4"]
+    assert sorted(losses(resumed)) == [1, 2, 3, 4, 5, 6]
+    assert losses(resumed) == losses(whole)
+    assert_same_tensors(whole / weights, resumed / weights)
+    for step in ("step-000003", "step-000006"):
+        assert_same_tensors(whole / "checkpoints" / step / "model.safetensors",
+                            resumed / "checkpoints" / step / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusals: exit 2, one line, nothing written
+
+
+def assert_refused(result, out: Path, words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert words in lines[0], lines[0]
+    assert not out.exists(), f"a refused run wrote {sorted(p.name for p in out.iterdir())}"
+
+
+@pytest.fixture
+def model_with_other_vae_config(tiny_models, tmp_path) -> Path:
+    """The tiny 5b with one VAE config value changed: same variant, but not the VAE the store was made with."""
+    path = shutil.copytree(tiny_models["5b"], tmp_path / "other-vae")
+    config_file = path / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["force_upcast"] = not config.get("force_upcast", True)
+    config_file.write_text(json.dumps(config))
+    return path
+
+
+def test_refuses_a_store_made_with_another_variant(store, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    result = cogtrain(store, tiny_models["2b"], out, "--max-steps", "1", expect=2)
+    assert_refused(result, out, "store made with another model")
+
+
+def test_refuses_a_store_made_with_another_vae_config(store, model_with_other_vae_config, tmp_path):
+    out = tmp_path / "run"
+    result = cogtrain(store, model_with_other_vae_config, out, "--max-steps", "1", expect=2)
+    assert_refused(result, out, "its vae config differs")
+
+
+def test_refuses_a_stale_dataset_unless_allowed(store, dataset, tiny_models, tmp_path):
+    edited = shutil.copytree(dataset, tmp_path / "edited")
+    add_clip(edited, "extra.mp4", "a green square moving up over a black background", frames=20)
+    out = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], out, "--max-steps", "1", "--dataset", edited, expect=2)
+    assert_refused(result, out, "dataset changed since the store was encoded (1 new, 0 changed, 0 removed)")
+
+    cogtrain(store, tiny_models["5b"], out, "--max-steps", "1", "--dataset", edited, "--allow-stale")
+    assert sorted(losses(out)) == [1]
+
+
+def test_refuses_a_learned_positional_model_off_its_native_size(tiny_models, tmp_path):
+    """A 5b-I2V store at 32x32: cogprep refuses to make one, so it is built by hand, its manifest naming
+    the tiny 5b-I2V model as it would."""
+    model = tiny_models["5b-i2v"]
+    store = tmp_path / "store"
+    build_random_store(store, {"9x32x48": (2, 2), "9x32x32": (2, 2)}, i2v=True)
+    manifest = S.Manifest.load(store)
+    manifest.model = {"source": str(model), "variant": "CogVideoX-5b-I2V",
+                      "configs": open_model(model).config_fingerprint(("vae", "text_encoder"))}
+    manifest.save(store)
+    out = tmp_path / "run"
+    result = cogtrain(store, model, out, "--max-steps", "1", expect=2)
+    assert_refused(result, out, "9x32x32: CogVideoX-5b-I2V has learned positional embeddings")
+
+
+def test_refuses_a_used_run_folder_without_resume(store, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("max_steps: 1\n")
+    result = cogtrain(store, tiny_models["5b"], out, "--max-steps", "1", expect=2)
+    assert "already holds a run: pass --resume latest" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_steps_and_end_with_the_same_weights(store, tiny_models, tmp_path):
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "cogtune.train.cli", "run", "--store", str(store), "--model", str(tiny_models["5b"]),
+        "--out", str(run), *FAST, "--max-steps", "3", "--checkpoint-every", "2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_per_rank"] == [3, 3]
+    first, second = summary["trained_weights_sha256_per_rank"]
+    assert first == second
+    assert sorted(losses(run)) == [1, 2, 3]
+    for checkpoint in ("step-000002", "step-000003"):  # each rank's own generator states
+        names = {p.name for p in (run / "checkpoints" / checkpoint).iterdir()}
+        assert {"rng.safetensors", "rng.rank1.safetensors", "train_state.json", "model.safetensors"} <= names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --config files
+
+
+@pytest.fixture
+def captured(monkeypatch) -> list[TrainConfig]:
+    """Configs the CLI would train with, without training."""
+    seen: list[TrainConfig] = []
+    monkeypatch.setattr("cogtune.train.trainer.train", seen.append)
+    return seen
+
+
+def test_config_file_mirrors_the_options_and_the_command_line_wins(captured, tmp_path):
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "store": "s", "model": "m", "out": "o", "learning-rate": 3e-4, "rank": 8,
+        "target_modules": ["to_q", "to_v"], "max_steps": 5, "gradient_checkpointing": False,
+    }))
+    result = CliRunner().invoke(train_cli.app, ["run", "--config", str(config_file), "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    (config,) = captured
+    assert (config.learning_rate, config.rank, config.target_modules) == (3e-4, 8, ["to_q", "to_v"])
+    assert config.max_steps == 2  # the command line wins
+    assert config.gradient_checkpointing is False
+    assert (config.store, config.model, config.out) == (Path("s"), "m", Path("o"))
+
+
+def test_saved_config_round_trips_through_config_and_from_file(captured, tmp_path):
+    argv = ["run", "--store", "s", "--model", "m", "--out", "o", "--mode", "sft", "--target-modules", "to_q,to_k",
+            "--lora-alpha", "2", "--resume", "latest", "--dataset", "d", "--no-gradient-checkpointing"]
+    assert CliRunner().invoke(train_cli.app, argv).exit_code == 0
+    original = captured.pop()
+    saved = original.save(tmp_path)
+    assert CliRunner().invoke(train_cli.app, ["run", "--config", str(saved)]).exit_code == 0
+    assert captured.pop() == original
+    assert TrainConfig.from_file(saved) == original
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("store: s\nmodel: m\nout: o\nlearning_rat: 1\n")
+    result = CliRunner().invoke(train_cli.app, ["run", "--config", str(config_file)])
+    assert result.exit_code == 2 and "learning_rat" in result.output

@@ -1,0 +1,200 @@
+"""`TrainConfig`: every setting of a cogtrain run, one field per ``cogtrain run`` option, same names.
+
+The docstring under each field is its ``--help`` text (`field_help`), so the dataclass is the one place an
+option is described. A ``--config FILE`` (YAML/TOML) uses the same keys; a run saves its resolved config as
+``RUN/config.yaml``, which ``--config`` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..shared.atomic import atomic_write_text
+from ..shared.config import load_config_file
+from ..shared.errors import CogtuneError
+
+MODES = ("lora", "sft")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+REPORT_TO = ("tensorboard", "wandb", "none")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+CONFIG_YAML = "config.yaml"
+
+
+@dataclass
+class TrainConfig:
+    """One cogtrain run."""
+
+    store: Path
+    """Store folder written by cogprep encode."""
+    model: str
+    """CogVideoX model the store was encoded with: a local diffusers folder or a hub id."""
+    out: Path
+    """Run folder: checkpoints, LoRA or full weights, logs, validation videos, config.yaml."""
+    mode: str = "lora"
+    """lora: train a LoRA adapter on frozen weights; sft: train every transformer weight."""
+    rank: int = 64
+    """LoRA rank."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: the rank, so the adapter's scale alpha/rank is 1)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """Comma-separated module names the LoRA adapts."""
+    max_steps: int | None = None
+    """Optimizer steps to train (wins over --epochs)."""
+    epochs: int = 1
+    """Passes over the store, when --max-steps is not given."""
+    batch_size: int | None = None
+    """Samples per batch in every bucket (default: each bucket's batch size from the store, else 1)."""
+    gradient_accumulation_steps: int = 1
+    """Batches per optimizer step."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (prodigy: use about 1.0)."""
+    lr_scheduler: str = "constant"
+    """Learning-rate schedule (diffusers.optimization): constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+    optimizer: str = "adamw"
+    """adamw; adamw8bit (needs bitsandbytes); prodigy (needs prodigyopt)."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    mixed_precision: str = "bf16"
+    """no, fp16 or bf16: autocast dtype; LoRA keeps frozen weights in it, trained weights stay float32."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory, about a third more compute."""
+    caption_dropout: float = 0.0
+    """Probability of training a sample on the empty prompt (for classifier-free guidance)."""
+    seed: int = 0
+    """Seed of the LoRA init, the data order and every noise draw."""
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints to keep, newest first (0: keep all)."""
+    resume: str | None = None
+    """latest (the newest checkpoint in RUN, or a fresh start if none) or a checkpoint folder."""
+    validate_every: int = 0
+    """Generate validation videos every N steps and at the end (0: never)."""
+    validation_steps: int = 50
+    """Inference steps of each validation video."""
+    allow_stale: bool = False
+    """Train even if the dataset changed since the store was encoded."""
+    dataset: Path | None = None
+    """Dataset to check the store against (default: the path recorded in store.json)."""
+    report_to: str = "tensorboard"
+    """Metrics logger: tensorboard, wandb or none."""
+    prefetch: int = 2
+    """Batches read ahead in a background thread (0: read in the training loop)."""
+    device: str = "auto"
+    """auto (the accelerator accelerate picks: cuda:LOCAL_RANK if present), cpu or cuda."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        self.store = Path(self.store)
+        self.out = Path(self.out)
+        self.dataset = None if self.dataset is None else Path(self.dataset)
+        self.target_modules = parse_target_modules(self.target_modules)
+
+    @property
+    def alpha(self) -> float:
+        """The LoRA alpha in effect."""
+        return float(self.rank if self.lora_alpha is None else self.lora_alpha)
+
+    def validate(self) -> None:
+        """Refuse values no run can use, with one line naming the option."""
+        for option, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("mixed-precision", self.mixed_precision, MIXED_PRECISION),
+            ("lr-scheduler", self.lr_scheduler, LR_SCHEDULERS),
+            ("report-to", self.report_to, REPORT_TO),
+            ("device", self.device, DEVICES),
+        ):
+            if value not in allowed:
+                raise CogtuneError(f"--{option} {value!r}: choose one of {', '.join(allowed)}")
+        for option, value, minimum in (
+            ("rank", self.rank, 1),
+            ("max-steps", self.max_steps, 1),
+            ("epochs", self.epochs, 1),
+            ("batch-size", self.batch_size, 1),
+            ("gradient-accumulation-steps", self.gradient_accumulation_steps, 1),
+            ("lr-warmup-steps", self.lr_warmup_steps, 0),
+            ("checkpoint-every", self.checkpoint_every, 1),
+            ("keep-checkpoints", self.keep_checkpoints, 0),
+            ("validate-every", self.validate_every, 0),
+            ("validation-steps", self.validation_steps, 1),
+            ("prefetch", self.prefetch, 0),
+            ("seed", self.seed, 0),
+        ):
+            if value is not None and value < minimum:
+                raise CogtuneError(f"--{option} {value}: must be at least {minimum}")
+        for option, value in (("lora-dropout", self.lora_dropout), ("caption-dropout", self.caption_dropout)):
+            if not 0.0 <= value < 1.0:
+                raise CogtuneError(f"--{option} {value}: must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise CogtuneError(f"--learning-rate {self.learning_rate}: must be positive")
+        if self.mode == "lora" and not self.target_modules:
+            raise CogtuneError("--target-modules: name at least one module for the LoRA")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-ready values under the option names (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    def save(self, run: Path) -> Path:
+        """Write ``RUN/config.yaml``: a ``--config`` file that reproduces this run."""
+        path = Path(run) / CONFIG_YAML
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainConfig:
+        """Read a config file written by `save` (or by hand, with every required key)."""
+        values = load_config_file(path)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CogtuneError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise CogtuneError(f"{path}: {e}") from None
+
+
+def parse_target_modules(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Module names from ``to_q,to_k`` (command line) or a list (config file)."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return [str(name).strip() for name in names if str(name).strip()]
+
+
+def field_help(cls: type = TrainConfig) -> dict[str, str]:
+    """{field name: the docstring written under it}, read from the class source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs

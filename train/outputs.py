@@ -1,0 +1,325 @@
+"""What a training run leaves behind for its users: LoRA weights, a full transformer, and a model card.
+
+Every output loads straight into the diffusers pipelines, the real client of a trained model:
+
+    RUN_DIR/
+      pytorch_lora_weights.safetensors   LoRA: ``pipe.load_lora_weights(RUN_DIR)``, rank and alpha in the metadata
+      transformer/                       full fine-tune: ``CogVideoXTransformer3DModel.from_pretrained(RUN_DIR,
+                                         subfolder="transformer")``
+      README.md                          model card: how to load it, and the settings it was trained with
+
+Each file or folder is written under a temporary name beside its final one and renamed into place, so a run
+killed while saving leaves the previous output whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..shared.atomic import atomic_write_text
+from ..shared.variants import Variant, get_variant
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+"""The file name `load_lora_weights` looks for in a folder (diffusers' ``LORA_WEIGHT_NAME_SAFE``)."""
+TRANSFORMER_FOLDER = "transformer"
+ADAPTER_NAME = "cogtune"
+"""The adapter name the model card's snippet loads the LoRA under."""
+LORA_METADATA_ALWAYS = ("r", "lora_alpha", "target_modules")
+"""LoraConfig fields written to the LoRA file's metadata even at their default values."""
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside DDP / accelerate wrappers (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def save_lora(
+    transformer: torch.nn.Module, out_dir: Path, *, rank: int, alpha: float, target_modules: list[str]
+) -> Path:
+    """Write the transformer's LoRA adapter to ``out_dir/pytorch_lora_weights.safetensors``; returns the file.
+
+    Written by diffusers' own ``save_lora_weights`` (keys ``transformer.<module>.lora_A.weight`` /
+    ``lora_B.weight``), with the adapter's LoraConfig in the file's metadata, so ``load_lora_weights`` rebuilds
+    the adapter with the trained alpha instead of assuming alpha = rank (the wrong strength every peer ships).
+    Weights are saved as float32: they are the exact trained values whatever the training dtype, and
+    ``load_lora_weights`` casts them to the dtype of the pipeline they are loaded into.
+
+    `rank`, `alpha` and `target_modules` are what the caller trained with; they must match the adapter on
+    the model (whose config is what gets written), else ValueError.
+    """
+    from diffusers import CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    model = unwrap_model(transformer)
+    adapter_name, config = _only_adapter(model)
+    trained = (config.r, config.lora_alpha, set(config.target_modules))
+    if trained != (rank, alpha, set(target_modules)):
+        raise ValueError(
+            f"the model's LoRA adapter has rank {config.r}, alpha {config.lora_alpha}, targets "
+            f"{sorted(config.target_modules)}; save_lora was told rank {rank}, alpha {alpha}, "
+            f"targets {sorted(target_modules)}"
+        )
+    weights = {
+        name: tensor.detach().to("cpu", torch.float32).contiguous()
+        for name, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / LORA_WEIGHT_NAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{LORA_WEIGHT_NAME}.", dir=out_dir))
+    try:
+        # save_lora_weights is a classmethod of CogVideoXLoraLoaderMixin: the same for the T2V and I2V pipelines
+        CogVideoXPipeline.save_lora_weights(
+            staging,
+            transformer_lora_layers=weights,
+            transformer_lora_adapter_metadata=lora_metadata(config),
+        )
+        _finish_file(staging / LORA_WEIGHT_NAME)
+        os.replace(staging / LORA_WEIGHT_NAME, final)
+        _fsync_folder(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def lora_metadata(config: Any) -> dict[str, Any]:
+    """The LoraConfig as a JSON-ready dict of its rank, alpha, targets and every field not at its default.
+
+    ``load_lora_weights`` rebuilds the adapter with ``LoraConfig(**metadata)``, and a peft older than ours
+    refuses fields it does not know, which a full ``to_dict()`` of a recent peft is full of. Leaving out the
+    defaults keeps the file loadable there and changes nothing: the loader's peft fills them in again.
+    """
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    out = {}
+    for key, value in config.to_dict().items():
+        if key in LORA_METADATA_ALWAYS or value != defaults.get(key):
+            out[key] = sorted(value) if isinstance(value, set) else value
+    return out
+
+
+def _only_adapter(model: torch.nn.Module) -> tuple[str, Any]:
+    """(name, LoraConfig) of the model's one peft adapter."""
+    adapters = dict(getattr(model, "peft_config", None) or {})
+    if len(adapters) != 1:
+        raise ValueError(f"save_lora needs a model with exactly one LoRA adapter, found {sorted(adapters) or 'none'}")
+    return next(iter(adapters.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# full fine-tune
+
+
+def save_full(transformer: torch.nn.Module, out_dir: Path) -> Path:
+    """Write the whole transformer as a diffusers ``transformer/`` folder (safetensors) in `out_dir`; returns it.
+
+    The folder loads with ``CogVideoXTransformer3DModel.from_pretrained(out_dir / "transformer")`` and plugs into
+    ``pipeline_class.from_pretrained(base, transformer=...)``. Weights keep the model's dtype. The folder is
+    written under a temporary name and swapped in whole; a previous ``transformer/`` is replaced.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / TRANSFORMER_FOLDER
+    staging = Path(tempfile.mkdtemp(prefix=f".{TRANSFORMER_FOLDER}.", dir=out_dir))
+    try:
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes an owner-only folder; the final one gets the usual mode
+        unwrap_model(transformer).save_pretrained(staging, safe_serialization=True)
+        for file in staging.iterdir():
+            _finish_file(file)
+        _replace_folder(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Rename `new` to `final`; a folder already at `final` is moved aside first and deleted after.
+
+    A rename cannot replace a non-empty folder, so there is an instant with no `final`, but never a half one.
+    """
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(new, final)
+    _fsync_folder(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model card
+
+
+def write_model_card(
+    out_dir: Path, config: Mapping[str, Any], base_model: str, variant: Variant | str, mode: str
+) -> Path:
+    """Write ``out_dir/README.md``: hub front matter, a copy-paste snippet that loads the output, the settings table.
+
+    `config` is the run's settings (nested dicts become dotted names), `base_model` the model trained from
+    (hub id or folder), `mode` ``lora`` or ``full``.
+    """
+    if mode not in ("lora", "full"):
+        raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+    variant = variant if isinstance(variant, Variant) else get_variant(variant)
+    out_dir = Path(out_dir)
+    kind = "LoRA" if mode == "lora" else "full fine-tune"
+    text = "\n".join(
+        [
+            "---",
+            yaml.safe_dump(_front_matter(base_model, variant, mode), sort_keys=False).rstrip(),
+            "---",
+            "",
+            f"# {variant.name} {kind}",
+            "",
+            f"Fine-tuned from `{base_model}` ({variant.name}, {_task_words(variant)}) with cogtune.",
+            "",
+            "## Use it",
+            "",
+            "```python",
+            _load_snippet(out_dir, base_model, variant, mode),
+            "```",
+            "",
+            "## Training settings",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            *(f"| {_cell(name)} | {_cell(value)} |" for name, value in _flatten(config)),
+            "",
+        ]
+    )
+    path = out_dir / "README.md"
+    atomic_write_text(path, text)
+    return path
+
+
+def _front_matter(base_model: str, variant: Variant, mode: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    # The hub reads base_model as a repo id: a local folder would be a broken link there.
+    if _is_hub_id(base_model):
+        meta["base_model"] = base_model
+        meta["base_model_relation"] = "adapter" if mode == "lora" else "finetune"
+    meta["library_name"] = "diffusers"
+    meta["pipeline_tag"] = _task_words(variant)
+    meta["tags"] = ["cogvideox", _task_words(variant), "lora" if mode == "lora" else "full-fine-tune", "cogtune"]
+    return meta
+
+
+def _is_hub_id(source: str) -> bool:
+    """owner/name that is not a local path (the rule `shared.models.open_model` resolves sources by)."""
+    return not Path(source).expanduser().exists() and not source.startswith((".", "/", "~")) and source.count("/") == 1
+
+
+def _task_words(variant: Variant) -> str:
+    return "image-to-video" if variant.task == "i2v" else "text-to-video"
+
+
+def _load_snippet(out_dir: Path, base_model: str, variant: Variant, mode: str) -> str:
+    """Python that loads the base pipeline with this run's output and renders one video at the native size."""
+    pipeline = variant.pipeline_class
+    dtype = f"torch.{variant.dtype}"
+    imports = [pipeline] + (["CogVideoXTransformer3DModel"] if mode == "full" else [])
+    lines = [
+        "import torch",
+        f"from diffusers import {', '.join(imports)}",
+        "from diffusers.utils import export_to_video" + (", load_image" if variant.task == "i2v" else ""),
+        "",
+        f"RUN_DIR = {str(out_dir.resolve())!r}  # this folder, or the hub repo it was uploaded to",
+    ]
+    if mode == "lora":
+        lines += [
+            f"pipe = {pipeline}.from_pretrained({base_model!r}, torch_dtype={dtype})",
+            f'pipe.load_lora_weights(RUN_DIR, adapter_name="{ADAPTER_NAME}")  # rank and alpha come from the file',
+            f'pipe.set_adapters(["{ADAPTER_NAME}"], [1.0])  # the LoRA strength: lower it to weaken the effect',
+        ]
+    else:
+        lines += [
+            "transformer = CogVideoXTransformer3DModel.from_pretrained(",
+            f'    RUN_DIR, subfolder="transformer", torch_dtype={dtype}',
+            ")",
+            f"pipe = {pipeline}.from_pretrained({base_model!r}, transformer=transformer, torch_dtype={dtype})",
+        ]
+    lines += [
+        "pipe.enable_model_cpu_offload()  # or pipe.to(\"cuda\") with enough GPU memory",
+        "pipe.vae.enable_tiling()",
+        "",
+    ]
+    image_arg = ""
+    if variant.task == "i2v":
+        lines.append('image = load_image("first_frame.png")')
+        image_arg = "image=image, "
+    lines += [
+        "video = pipe(",
+        f'    {image_arg}prompt="your prompt",',
+        f"    num_frames={variant.native_frames}, height={variant.native_height}, width={variant.native_width},",
+        "    guidance_scale=6.0, num_inference_steps=50,",
+        ").frames[0]",
+        f'export_to_video(video, "output.mp4", fps={variant.fps})',
+    ]
+    return "\n".join(lines)
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted name, value) for every leaf of a nested settings dict, in order."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += _flatten(value, f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    """A value as one markdown table cell: strings as they are, the rest as JSON; pipes escaped."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("\n", " ").replace("|", "\\|")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# durability
+
+
+def _finish_file(path: Path) -> None:
+    """Give a written file the usual mode (safetensors creates owner-only files) and flush it to disk."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames in `folder` durable (a no-op where the OS cannot open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,680 @@
+"""cogtrain's run: start-up checks, the accelerate training loop, atomic checkpoints, exact resume, outputs.
+
+A run folder (``--out``) holds::
+
+    RUN/
+      config.yaml                      the resolved config: ``--config RUN/config.yaml`` repeats the run
+      losses.jsonl                     one line per optimizer step: step, loss, lr, grad_norm, epoch (rank 0)
+      checkpoints/step-000500/         accelerate state (model, optimizer, lr schedule, RNG) + train_state.json
+      logs/                            tensorboard (or nothing, with wandb / none)
+      validation/                      validation videos
+      pytorch_lora_weights.safetensors (LoRA) or transformer/ (sft), README.md model card
+      summary.json                     steps per rank, a digest of each rank's trained weights, time, final loss
+
+Every refusal (another model's store, a stale dataset, a size the model cannot train at, a missing optional
+package, a run folder already in use) happens before anything is written in RUN. Only cached tensors are read:
+the T5 encoder is never loaded, the VAE only by validation.
+
+Resume is exact: the weights, optimizer and lr schedule come back from accelerate's state, the data position and
+every generator state from `train.state`, and each step draws its noise from a generator seeded by
+(seed, rank, step), so an interrupted run resumed from a checkpoint takes the same steps as one never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..preprocess.cli import native_size, spec_from_json
+from ..preprocess.datasets import read_dataset
+from ..preprocess.frames import FrameSampling
+from ..preprocess.plan import CACHE_DIR, EncodeSettings, plan_encode
+from ..shared import store as S
+from ..shared.atomic import atomic_write_text
+from ..shared.errors import CogtuneError
+from ..shared.fingerprint import FileHashes, hash_json
+from ..shared.models import Model, open_model
+from .config import TrainConfig
+from .data import BucketBatchSampler, StoreDataset, StoreLoader
+from .math import TrainBatch, drop_captions, training_step
+from .state import TRAIN_STATE_JSON, RngStates, TrainState, load_checkpoint_dir, save_checkpoint_dir
+
+TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
+"""What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+LOSSES = "losses.jsonl"
+SUMMARY = "summary.json"
+LOGS = "logs"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Dtype of the frozen weights per --mixed-precision (trained weights are always float32)."""
+OUTPUT_KIND = {"lora": "lora", "sft": "full"}
+"""What train.outputs calls each --mode's output."""
+OPTIONAL_PACKAGES = {
+    ("optimizer", "adamw8bit"): ("bitsandbytes", "bnb"),
+    ("optimizer", "prodigy"): ("prodigyopt", "prodigy"),
+    ("report_to", "wandb"): ("wandb", "wandb"),
+}
+"""(option, value) -> (module it needs, cogtune extra that installs it)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did, as the process that ran it saw it."""
+
+    run: Path
+    """The run folder."""
+    steps: int
+    """Optimizer steps done in total (resumed ones included)."""
+    losses: list[float] = field(default_factory=list)
+    """Loss of each step this invocation trained, averaged over ranks and accumulated batches."""
+    outputs: list[Path] = field(default_factory=list)
+    """Trained weights and model card (rank 0; empty on other ranks)."""
+    seconds: float = 0.0
+    """Wall time of this invocation."""
+
+
+@dataclass
+class RunInputs:
+    """What the start-up checks found: the store's manifest, the model, and the checkpoint to resume from."""
+
+    manifest: S.Manifest
+    model: Model
+    resume_from: Path | None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# start-up checks: each raises CogtuneError before anything is written in RUN
+
+
+def check_run(config: TrainConfig) -> RunInputs:
+    """Every refusal a run can meet before training; returns what the run needs."""
+    config.validate()
+    check_optional_packages(config)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise CogtuneError("--device cuda: no CUDA device is visible")
+    manifest = S.Manifest.load(config.store)
+    model = open_model(config.model, TRAIN_COMPONENTS)
+    check_model_matches_store(model, manifest, config.store)
+    check_native_size(model, manifest, config.store)
+    if not config.allow_stale:
+        check_dataset_current(config, manifest)
+    return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
+
+
+def check_optional_packages(config: TrainConfig) -> None:
+    for (option, value), (module, extra) in OPTIONAL_PACKAGES.items():
+        if getattr(config, option) == value and find_spec(module) is None:
+            flag = option.replace("_", "-")
+            raise CogtuneError(f"--{flag} {value} needs the {module} package: pip install 'cogtune[{extra}]'")
+
+
+def check_model_matches_store(model: Model, manifest: S.Manifest, store: Path) -> None:
+    """The cached latents and embeddings are only valid for the VAE and T5 they were made with.
+
+    Compares the variant and the VAE and text-encoder configs (cheap: no weights read, and no T5 needed here).
+    """
+    recorded = manifest.model
+    configs = model.config_fingerprint(("vae", "text_encoder"))
+    differing = [name for name, digest in configs.items() if recorded.get("configs", {}).get(name) != digest]
+    if recorded.get("variant") == model.variant.name and not differing:
+        return
+    what = (
+        f"variant {recorded.get('variant')}, this model is {model.variant.name}"
+        if recorded.get("variant") != model.variant.name
+        else f"its {' and '.join(name.replace('_', ' ') for name in differing)} config differs"
+    )
+    raise CogtuneError(
+        f"{store}: store made with another model ({recorded.get('source')}: {what}): train with that model, "
+        f"or re-encode with cogprep encode --model {model.source}"
+    )
+
+
+def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
+    """A learned-positional-embedding model (5b-I2V) only runs at its native height x width, as in cogprep."""
+    if not model.variant.fixed_size:
+        return
+    _, height, width = native_size(model)
+    other = [b["name"] for b in manifest.buckets if (b["height"], b["width"]) != (height, width)]
+    if other:
+        raise CogtuneError(
+            f"{store}: bucket {', '.join(other)}: {model.variant.name} has learned positional embeddings that "
+            f"exist only at its native {height}x{width}; re-encode at that resolution"
+        )
+
+
+def check_dataset_current(config: TrainConfig, manifest: S.Manifest) -> None:
+    """Refuse to train on a store whose dataset has new, changed or removed clips since it was encoded."""
+    dataset = config.dataset or manifest.dataset.get("path")
+    if dataset is None:
+        return  # a store that records no dataset (built by hand) has nothing to be checked against
+    try:
+        changes = dataset_changes(Path(dataset), config.store, manifest)
+    except CogtuneError as e:
+        raise CogtuneError(f"cannot check the store against its dataset ({e}): pass --dataset, or --allow-stale") from None
+    counts = {kind: len(changes.get(kind, [])) for kind in ("new", "changed", "removed")}
+    if any(counts.values()):
+        raise CogtuneError(
+            f"dataset changed since the store was encoded ({counts['new']} new, {counts['changed']} changed, "
+            f"{counts['removed']} removed): run cogprep encode, or pass --allow-stale"
+        )
+
+
+def dataset_changes(dataset: Path, store: Path, manifest: S.Manifest) -> dict[str, list[str]]:
+    """Sources new / changed / removed / unchanged between `dataset` now and the store's index.
+
+    `preprocess.cli.plan_against_store` with the model fingerprints recorded in store.json instead of
+    hashing the model again: the question is whether the *dataset* changed, and the trainer has no T5 to hash.
+    """
+    info = manifest.dataset
+    data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
+                        video_column=info.get("video_column"), id_token=info.get("id_token"))
+    settings = dict(manifest.settings)
+    settings = EncodeSettings(**{**settings, "sampling": FrameSampling(**settings["sampling"])})
+    recorded = manifest.model["fingerprints"]
+    # combined as preprocess.encode.model_fingerprints combines them for the text item keys
+    text_fingerprint = hash_json([recorded["text_encoder"], recorded["tokenizer"]])
+    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json")
+    plan = plan_encode(data, spec_from_json(manifest.settings["buckets"]), settings, recorded["vae"],
+                       text_fingerprint, Path(store), hashes)
+    return plan.changes
+
+
+def find_resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint `--resume` names; None for a fresh start. A used run folder needs --resume."""
+    if config.resume is None:
+        if config.out.exists() and any(config.out.iterdir()):
+            raise CogtuneError(
+                f"{config.out}: already holds a run: pass --resume latest to continue it, or choose another --out"
+            )
+        return None
+    if config.resume == "latest":
+        found = complete_checkpoints(config.out)
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / TRAIN_STATE_JSON).is_file():
+        raise CogtuneError(f"{path}: not a cogtrain checkpoint (no {TRAIN_STATE_JSON})")
+    return path
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (a half-written one is still a hidden .tmp folder)."""
+    folder = Path(run) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [
+        p for p in folder.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+        and (p / TRAIN_STATE_JSON).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building the pieces
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / LOGS)),
+        # accelerate sets up data parallelism on CPU (gloo) only when told to use the CPU
+        cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()),
+    )
+
+
+def release_accelerator(accelerator) -> None:
+    """Stop trackers and the process group, and forget accelerate's process-wide state, so that another run
+    in this process (tests, notebooks) starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def build_transformer(config: TrainConfig, model: Model) -> torch.nn.Module:
+    """The transformer to train: LoRA on frozen weights, or every weight (sft); trained weights float32."""
+    if config.mode == "sft":
+        transformer = model.load_transformer(torch.float32)
+    else:
+        from peft import LoraConfig
+
+        transformer = model.load_transformer(WEIGHT_DTYPES[config.mixed_precision])
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
+                                           target_modules=config.target_modules, init_lora_weights=True))
+        # autocast computes in half precision, but the optimizer must update float32 weights
+        for parameter in transformer.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return transformer
+
+
+def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_loader(config: TrainConfig, rank: int, world_size: int) -> StoreLoader:
+    """The store's batches for this rank; --batch-size replaces every bucket's batch size from the store."""
+    if config.batch_size is None:
+        return StoreLoader.from_store(config.store, 1, seed=config.seed, rank=rank, world_size=world_size,
+                                      prefetch=config.prefetch)
+    dataset = StoreDataset(config.store, seed=config.seed)
+    sampler = BucketBatchSampler(dataset.row_buckets, config.batch_size, seed=config.seed, rank=rank,
+                                 world_size=world_size)
+    return StoreLoader(dataset, sampler, prefetch=config.prefetch)
+
+
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: --max-steps, else --epochs passes over the store."""
+    if config.max_steps is not None:
+        return config.max_steps
+    return config.epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+
+
+def step_generator(seed: int, rank: int, batch_number: int, device: torch.device) -> torch.Generator:
+    """The generator of one batch's draws, from (seed, rank, batch): a resumed run draws the same noise."""
+    words = np.random.SeedSequence([seed, rank, batch_number]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+
+
+def to_train_batch(batch: dict[str, torch.Tensor], device: torch.device, embed_dtype: torch.dtype) -> TrainBatch:
+    return TrainBatch(
+        latent_mean=batch["mean"].to(device),
+        latent_logvar=batch["logvar"].to(device),
+        prompt_embeds=batch["embedding"].to(device, embed_dtype),
+        image_latents=batch["noisy"].to(device) if "noisy" in batch else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_keys(model: torch.nn.Module, mode: str) -> set[str]:
+    """What a checkpoint holds of the model: the LoRA weights only (the frozen rest is the model's), or all."""
+    if mode == "lora":
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+    return set(model.state_dict())
+
+
+def checkpoint_shapes(model: torch.nn.Module, mode: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of what a checkpoint of `model` holds."""
+    keys = checkpoint_keys(model, mode)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name in keys}
+
+
+def register_lora_checkpoint_hook(accelerator, mode: str) -> None:
+    """Make accelerate's save_state write only the trained weights for LoRA (megabytes, not the 10 GB base)."""
+    if mode != "lora":
+        return
+
+    def keep_trained(models, weights, output_dir) -> None:
+        for model, state in zip(models, weights):
+            keep = checkpoint_keys(model, mode)
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+
+
+def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step-XXXXXX`` atomically: into ``.step-XXXXXX.tmp``, then one rename (rank 0)."""
+    final = Path(run) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replaced = final.with_name(f".{final.name}.old")
+        if final.exists():  # the same step saved by an earlier attempt of this run
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        _fsync_folder(final.parent)
+        if keep > 0:
+            for old in complete_checkpoints(run)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator, model: torch.nn.Module, loader: StoreLoader, checkpoint: Path, mode: str) -> int:
+    """Restore model, optimizer, lr schedule, data position and generators; returns the step to continue after."""
+    weights = checkpoint / "model.safetensors"
+    if weights.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if saved != checkpoint_shapes(model, mode):
+            raise CogtuneError(
+                f"{checkpoint}: its weights do not fit this run (another --mode, --rank, --target-modules or "
+                f"number of processes): resume with the settings it was made with"
+            )
+    from accelerate.utils import DistributedType
+
+    # a LoRA checkpoint holds the adapter only (see register_lora_checkpoint_hook); DeepSpeed loads its own way
+    strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": mode == "sft"}
+    # weights_only: the optimizer, lr schedule and RNG files are torch.save'd; load them without unpickling code
+    accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True}, **strict)
+    state = load_checkpoint_dir(checkpoint, rank=accelerator.process_index)
+    loader.load_state_dict(state.sampler)
+    state.rng.restore()
+    return state.step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run the checks, then train; on every rank of a launch (torchrun / accelerate launch) or alone."""
+    inputs = check_run(config)
+    accelerator = make_accelerator(config)
+    try:
+        return _train(config, inputs, accelerator)
+    finally:
+        release_accelerator(accelerator)
+
+
+@dataclass
+class Stepper:
+    """The prepared pieces of a run, and one optimizer step over them."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module
+    """The transformer as accelerate prepared it (DDP-wrapped under data parallelism)."""
+    optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+    """The model's scheduler: the noise schedule of training_step."""
+    transformer_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    empty_embedding: torch.Tensor
+    """The empty prompt's T5 embedding [L, D], for caption dropout."""
+    embed_dtype: torch.dtype
+    """Dtype the embeddings are fed in: the frozen weights' (the pipelines feed the transformer's dtype)."""
+
+    def step(self, step: int, batches) -> tuple[dict[str, float], dict[str, Any]]:
+        """Optimizer step `step` (from 1) over the next --gradient-accumulation-steps batches.
+
+        Returns the metrics (loss averaged over ranks and batches) and the data position after the step.
+        """
+        config, accelerator = self.config, self.accelerator
+        device, world = accelerator.device, accelerator.num_processes
+        accumulation = config.gradient_accumulation_steps
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        samples, grad_norm = 0, None
+        for micro in range(accumulation):
+            batch, position = next(batches)
+            generator = step_generator(config.seed, accelerator.process_index, (step - 1) * accumulation + micro,
+                                       device)
+            train_batch = to_train_batch(batch, device, self.embed_dtype)
+            if config.caption_dropout > 0:
+                train_batch.prompt_embeds = drop_captions(train_batch.prompt_embeds, self.empty_embedding,
+                                                          config.caption_dropout, generator)
+            with accelerator.accumulate(self.model):
+                loss = training_step(self.model, self.noise_scheduler, train_batch,
+                                     vae_scaling_factor=self.vae_config["scaling_factor"],
+                                     invert_scale_latents=bool(self.vae_config.get("invert_scale_latents", False)),
+                                     generator=generator, transformer_config=self.transformer_config)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trained, config.max_grad_norm or math.inf)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            samples += batch["mean"].shape[0]
+        # one collective for both: the loss averaged over ranks, the samples summed
+        totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(samples), device=device)]), "sum")
+        seconds = time.perf_counter() - started
+        metrics = {
+            "loss": totals[0].item() / (accumulation * world),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+            "step_time": seconds,
+            "samples_per_s": totals[1].item() / seconds,
+        }
+        if torch.cuda.is_available():
+            metrics["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return metrics, position
+
+
+def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Stepper, StoreLoader, int]:
+    """Model, optimizer, lr schedule and data, prepared by accelerate; returns them and the run's step count."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    world = accelerator.num_processes
+    set_seed(config.seed)  # the LoRA init draws from the global generators: the same on every rank
+    transformer = build_transformer(config, inputs.model)
+    transformer_config = dict(transformer.config)
+    optimizer = make_optimizer(config, [p for p in transformer.parameters() if p.requires_grad])
+    loader = make_loader(config, accelerator.process_index, world)
+    max_steps = total_steps(config, loader.steps_per_epoch)
+    # accelerate steps a prepared schedule once per process per optimizer step
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world)
+    model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    register_lora_checkpoint_hook(accelerator, config.mode)
+    # float32 master weights for sft; for LoRA the frozen weights' dtype
+    embed_dtype = WEIGHT_DTYPES[config.mixed_precision] if config.mode == "lora" else torch.float32
+    stepper = Stepper(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        noise_scheduler=inputs.model.load_scheduler(),
+        transformer_config=transformer_config,
+        vae_config=inputs.model.config("vae"),
+        empty_embedding=S.read_extras(config.store)[0]["empty_embedding"].to(accelerator.device, embed_dtype),
+        embed_dtype=embed_dtype,
+    )
+    return stepper, loader, max_steps
+
+
+def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
+    started = time.perf_counter()
+    stepper, loader, max_steps = prepare(config, inputs, accelerator)
+    start_step = 0
+    if inputs.resume_from is not None:
+        start_step = resume(accelerator, stepper.model, loader, inputs.resume_from, config.mode)
+    if accelerator.is_main_process:
+        start_run_folder(config, start_step)
+    accelerator.init_trackers("cogtrain", config=tracker_config(config))
+    accelerator.wait_for_everyone()
+
+    validation_size = most_common_bucket(inputs.manifest)
+    losses: list[float] = []
+    bar = tqdm(total=max_steps, initial=start_step, unit="step", desc="cogtrain", dynamic_ncols=True,
+               disable=not (accelerator.is_main_process and config.progress))
+    batches = iter(loader)
+    try:
+        for step in range(start_step + 1, max_steps + 1):
+            metrics, position = stepper.step(step, batches)
+            losses.append(metrics["loss"])
+            accelerator.log(metrics, step=step)
+            if accelerator.is_main_process:
+                log_step(config.out, step, position, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            if step % config.checkpoint_every == 0 or step == max_steps:
+                save_checkpoint(accelerator, config.out, step, position, config.keep_checkpoints)
+            if config.validate_every and (step % config.validate_every == 0 or step == max_steps):
+                validate(config, accelerator, stepper.model, inputs.model, step, validation_size)
+    finally:
+        batches.close()
+        bar.close()
+    seconds = time.perf_counter() - started
+    outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds)
+    return TrainResult(run=config.out, steps=max_steps, losses=losses, outputs=outputs, seconds=seconds)
+
+
+def start_run_folder(config: TrainConfig, start_step: int) -> None:
+    """Rank 0, after every check and after the checkpoint loaded: config.yaml, and losses.jsonl cut back to
+    the resumed step (a run killed after its last checkpoint logged steps that are trained again now)."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    config.save(config.out)
+    losses = config.out / LOSSES
+    if losses.exists():
+        kept = [line for line in losses.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        atomic_write_text(losses, "".join(line + "\n" for line in kept))
+
+
+def log_step(run: Path, step: int, position: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Append one line to losses.jsonl: what resume tests compare, and a log that needs no tensorboard."""
+    with open(run / LOSSES, "a") as f:
+        f.write(json.dumps({"step": step, "epoch": position["epoch"], **metrics}) + "\n")
+
+
+def tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as trackers take hyperparameters: scalars and strings only."""
+    def scalar(value: Any) -> Any:
+        if isinstance(value, list):
+            return ",".join(value)
+        return "default" if value is None else value
+
+    return {name: scalar(value) for name, value in config.to_dict().items()}
+
+
+def most_common_bucket(manifest: S.Manifest) -> tuple[int, int, int]:
+    """(frames, height, width) of the bucket with the most samples: what validation videos are made at."""
+    bucket = max(manifest.buckets, key=lambda b: (b["samples"], b["name"]))
+    return bucket["frames"], bucket["height"], bucket["width"]
+
+
+def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, step: int,
+             size: tuple[int, int, int]) -> None:
+    """Validation videos from rank 0 (the others wait). The generators are put back afterwards, so a run
+    with validation trains exactly as one without."""
+    if accelerator.is_main_process:
+        from .validation import run_validation
+
+        frames, height, width = size
+        generators = RngStates.capture()
+        try:
+            run_validation(accelerator.unwrap_model(model), model_info, config.store, config.out, step,
+                           device=accelerator.device, dtype=WEIGHT_DTYPES[config.mixed_precision], seed=config.seed,
+                           num_inference_steps=config.validation_steps, num_frames=frames, height=height,
+                           width=width)
+        finally:
+            generators.restore()
+    accelerator.wait_for_everyone()
+
+
+def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
+    """sha256 of each rank's trained weights, gathered on every rank: data parallelism must keep them equal.
+
+    None where the weights are sharded across ranks (FSDP, DeepSpeed), so no rank holds them whole.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    digest = hashlib.sha256()
+    for name, parameter in sorted(accelerator.unwrap_model(model).named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    words = torch.from_numpy(np.frombuffer(digest.digest(), dtype=np.int64).copy()).to(accelerator.device)
+    gathered = accelerator.gather(words).cpu().reshape(accelerator.num_processes, -1)
+    return [row.numpy().tobytes().hex() for row in gathered]
+
+
+def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, steps: int,
+               losses: list[float], seconds: float) -> list[Path]:
+    """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary."""
+    from .outputs import save_full, save_lora, write_model_card
+
+    digests = weights_digests(accelerator, model)
+    steps_per_rank = accelerator.gather(torch.tensor([steps], device=accelerator.device)).tolist()  # equal, or DDP hangs
+    outputs: list[Path] = []
+    if accelerator.is_main_process:
+        transformer = accelerator.unwrap_model(model)
+        if config.mode == "lora":
+            weights = save_lora(transformer, config.out, rank=config.rank, alpha=config.alpha,
+                                target_modules=config.target_modules)
+        else:
+            weights = save_full(transformer, config.out)
+        card = write_model_card(config.out, config.to_dict(), model_info.source, model_info.variant,
+                                OUTPUT_KIND[config.mode])
+        outputs = [weights, card]
+        summary = {
+            "steps": steps,
+            "steps_per_rank": steps_per_rank,
+            "trained_weights_sha256_per_rank": digests,
+            "steps_this_run": len(losses),
+            "seconds_this_run": round(seconds, 3),
+            "final_loss": losses[-1] if losses else None,
+            "outputs": [str(p) for p in outputs],
+        }
+        atomic_write_text(config.out / SUMMARY, json.dumps(summary, indent=2))
+        print_summary(config, summary, outputs, digests)
+    accelerator.wait_for_everyone()
+    return outputs
+
+
+def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Path],
+                  digests: list[str] | None) -> None:
+    trained, seconds = summary["steps_this_run"], summary["seconds_this_run"]
+    line = f"cogtrain: step {summary['steps']}"
+    if trained:
+        line += f", {trained} trained in {seconds:.1f} s ({seconds / trained:.2f} s/step)"
+        line += f", final loss {summary['final_loss']:.4f}"
+    print(line)
+    for path in outputs:
+        print(f"  {path}")
+    checkpoints = complete_checkpoints(config.out)
+    if checkpoints:
+        print(f"  {checkpoints[-1]}  (resume with --resume latest)")
+    if digests is not None and len(set(digests)) > 1:
+        print("warning: the ranks ended with different weights (see summary.json)", file=sys.stderr)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,152 @@
+"""Validation videos during training: the diffusers pipeline run on the transformer being trained.
+
+The pipeline is the one users will run (`Model.pipeline_class`), built around the training transformer itself,
+so a validation video shows exactly what the current weights produce at inference. The text encoder is never
+loaded: the store holds the T5 embeddings of the validation prompts and of the empty prompt (the negative
+prompt of classifier-free guidance), computed by cogprep exactly as the pipeline would. The VAE is loaded for
+the call only and freed after it, so it costs no GPU memory between validations.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..shared.errors import CogtuneError
+from ..shared.models import Model
+from ..shared.store import Manifest, read_extras
+from ..shared.video import write_video
+from .outputs import unwrap_model
+
+GUIDANCE_SCALE = 6.0
+"""Classifier-free guidance scale of the THUDM examples and the pipelines' default."""
+VAE_SPATIAL_SCALE = 8
+"""Pixels per latent in height and width, for every CogVideoX VAE."""
+
+
+def run_validation(
+    transformer: torch.nn.Module,
+    model: Model,
+    store: Path,
+    out_dir: Path,
+    step: int,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int,
+    num_inference_steps: int,
+    num_frames: int | None,
+    height: int | None,
+    width: int | None,
+) -> list[Path]:
+    """Render one video per validation prompt of `store` to ``out_dir/validation/step-XXXXXX-{i}.mp4``.
+
+    Returns the paths written; [] when the store has no validation prompts. `num_frames`, `height` and `width`
+    default to the store's first bucket. Every prompt starts from the same noise (`seed`) at every step, so
+    videos of different steps differ only by what training changed. The transformer is put in eval mode for
+    generation and given back in the mode it came in.
+    """
+    tensors, metadata = read_extras(Path(store))
+    prompts = json.loads(metadata.get("validation_prompts") or "[]")
+    if not prompts:
+        return []
+    size = _video_size(model, Path(store), num_frames, height, width)
+    images = _validation_images(tensors, len(prompts), store) if model.variant.task == "i2v" else None
+    net = unwrap_model(transformer)
+    was_training = net.training
+    vae = model.load_vae(dtype).to(device)
+    vae.enable_tiling()  # decoding a full-size video untiled takes more memory than the training step
+    pipe = model.pipeline_class()(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=net, scheduler=model.load_scheduler()
+    )
+    pipe.set_progress_bar_config(disable=True)
+    net.eval()
+    try:
+        paths = []
+        for i in range(len(prompts)):
+            frames = _generate(pipe, tensors, i, images, size, device, dtype, seed, num_inference_steps)
+            path = Path(out_dir) / "validation" / f"step-{step:06d}-{i}.mp4"
+            write_video(path, frames, fps=model.variant.fps)
+            paths.append(path)
+    finally:
+        net.train(was_training)
+        del pipe, vae
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return paths
+
+
+def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_inference_steps) -> np.ndarray:
+    """One validation video as uint8 [F, H, W, 3], from prompt `index`'s cached embedding."""
+    num_frames, height, width = size
+    kwargs = dict(
+        prompt_embeds=tensors[f"validation_embedding_{index}"][None].to(device, dtype),
+        negative_prompt_embeds=tensors["empty_embedding"][None].to(device, dtype),
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=GUIDANCE_SCALE,
+        # a CPU generator draws the same noise on any device
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    )
+    if images is not None:
+        kwargs["image"] = images[index]
+    # Training may keep float32 weights (full fine-tune master weights, LoRA factors) beside `dtype` inputs;
+    # autocast runs the mix as the training step did.
+    reduced = dtype != torch.float32
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if reduced else nullcontext()
+    with autocast:
+        video = pipe(**kwargs).frames[0]  # float [F, H, W, 3] in [0, 1]
+    return (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _video_size(
+    model: Model, store: Path, num_frames: int | None, height: int | None, width: int | None
+) -> tuple[int, int, int]:
+    """(frames, height, width) to render: the arguments given, else the store's first bucket, else native."""
+    buckets = Manifest.load(store).buckets
+    if buckets:
+        default = (buckets[0]["frames"], buckets[0]["height"], buckets[0]["width"])
+    else:
+        default = _native_size(model)
+    size = (num_frames or default[0], height or default[1], width or default[2])
+    if model.variant.fixed_size and size[1:] != _native_size(model)[1:]:
+        raise CogtuneError(
+            f"{model.variant.name} only generates at {_native_size(model)[1]}x{_native_size(model)[2]} "
+            f"(learned positional embeddings); validation asked for {size[1]}x{size[2]}"
+        )
+    return size
+
+
+def _native_size(model: Model) -> tuple[int, int, int]:
+    """The model's own size: its transformer's sample size for 1.0 (what the pipelines default to); for 1.5,
+    whose sample size is the maximum RoPE grid rather than a video size, the release's native size."""
+    config = model.config("transformer")
+    if model.variant.generation == "1.5":
+        return model.variant.native_frames, model.variant.native_height, model.variant.native_width
+    return (
+        config["sample_frames"],
+        config["sample_height"] * VAE_SPATIAL_SCALE,
+        config["sample_width"] * VAE_SPATIAL_SCALE,
+    )
+
+
+def _validation_images(tensors: dict[str, torch.Tensor], count: int, store: Path) -> list:
+    """The I2V conditioning images, one per prompt, as PIL images (the pipeline resizes them)."""
+    from PIL import Image
+
+    missing = [i for i in range(count) if f"validation_image_{i}" not in tensors]
+    if missing:
+        raise CogtuneError(
+            f"{store}: an image-to-video model needs one validation image per validation prompt, "
+            f"{len(missing)} of {count} missing (re-run cogprep encode with --validation-images)"
+        )
+    return [Image.fromarray(tensors[f"validation_image_{i}"].numpy()) for i in range(count)]
