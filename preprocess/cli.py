@@ -9,16 +9,28 @@ from typing import Any, Optional
 import typer
 
 from ..shared import store as S
-from ..shared.buckets import BucketSpec, bucket_spec_from_resolution, check_buckets_for_model, load_bucket_spec
+from ..shared.buckets import (
+    BucketSpec,
+    bucket_spec_from_resolution,
+    check_buckets_for_model,
+    load_bucket_spec,
+)
 from ..shared.cli import make_app
 from ..shared.config import config_option
 from ..shared.errors import CogtuneError, exit_on_user_error
 from ..shared.fingerprint import FileHashes
 from ..shared.models import Model, open_model
 from .datasets import read_dataset
-from .encode import PREP_COMPONENTS, RunOptions, human_bytes, model_fingerprints, run_encode, store_bytes
+from .encode import (
+    PREP_COMPONENTS,
+    RunOptions,
+    human_bytes,
+    model_fingerprints,
+    run_encode,
+)
 from .frames import FrameSampling
-from .plan import CACHE_DIR, EncodeSettings, plan_encode
+from .maintain import disk_bytes
+from .plan import CACHE_DIR, EncodeSettings, plan_against_store
 
 app = make_app(
     "cogprep",
@@ -27,40 +39,15 @@ app = make_app(
 )
 
 
-def native_size(model: Model) -> tuple[int, int, int]:
-    """(frames, height, width) the model was trained at: its transformer config for 1.0 (sample_* in latents),
-    the release table for 1.5 (whose sample size is the RoPE grid's maximum, not a training size)."""
-    v = model.variant
-    if v.generation == "1.5":
-        return v.native_frames, v.native_height, v.native_width
-    tc = model.config("transformer")
-    return tc.get("sample_frames", v.native_frames), tc["sample_height"] * 8, tc["sample_width"] * 8
-
-
-def spec_to_json(spec: BucketSpec) -> dict[str, Any]:
-    return {
-        "frames_by_resolution": [[h, w, list(f)] for (h, w), f in sorted(spec.frames_by_resolution.items())],
-        "batch_size": spec.batch_size,
-        "batch_sizes": dict(sorted(spec.batch_sizes.items())),
-        "token_budget": spec.token_budget,
-        "source": spec.source,
-    }
-
-
-def spec_from_json(data: dict[str, Any]) -> BucketSpec:
-    return BucketSpec({(h, w): tuple(f) for h, w, f in data["frames_by_resolution"]}, data["batch_size"],
-                      dict(data["batch_sizes"]), data["token_budget"], data["source"])
-
-
 def _bucket_spec(model: Model, resolution: str | None, buckets: Path | None) -> BucketSpec:
     if resolution and buckets:
         raise CogtuneError("give --resolution or --buckets, not both")
     if buckets is not None:
         spec = load_bucket_spec(buckets, model.variant)
     else:
-        f, h, w = native_size(model)
+        f, h, w = model.native_size()
         spec = bucket_spec_from_resolution(resolution or f"{f}x{h}x{w}", model.variant)
-    check_buckets_for_model(spec, model.variant, native_size(model)[1:])
+    check_buckets_for_model(spec, model.variant, model.native_size()[1:])
     return spec
 
 
@@ -90,6 +77,7 @@ def encode(
     vae_tiling: bool = typer.Option(False, help="Encode in spatial tiles (less memory for large frames)."),
     vae_slicing: bool = typer.Option(False, help="Encode batch items one at a time."),
     text_batch_size: int = typer.Option(16, help="Captions per T5 call."),
+    shard_max_items: int = typer.Option(1000, min=1, help="Items per shard before a new shard is started."),
     workers: int = typer.Option(2, help="CPU processes decoding and resizing clips while the model encodes."),
     device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:1, ..."),
     strict: bool = typer.Option(False, help="Any bad item: exit 2 and write nothing."),
@@ -102,7 +90,7 @@ def encode(
     spec = _bucket_spec(m, resolution, buckets)
     data = read_dataset(dataset, layout, caption_column=caption_column, video_column=video_column, id_token=id_token)
     settings = EncodeSettings(
-        buckets=spec_to_json(spec),
+        buckets=spec.to_json(),
         sampling=FrameSampling(fps=fps, stride=stride, skip_start=skip_start, skip_end=skip_end, clips=clips),
         resize=resize,
         dtype=dtype,
@@ -113,7 +101,7 @@ def encode(
     if resize not in ("crop", "stretch"):
         raise CogtuneError(f"--resize {resize!r}: choose crop or stretch")
     options = RunOptions(device=device, workers=workers, text_batch_size=text_batch_size, vae_tiling=vae_tiling,
-                         vae_slicing=vae_slicing, strict=strict, verify=verify,
+                         vae_slicing=vae_slicing, strict=strict, verify=verify, shard_max_items=shard_max_items,
                          validation_prompts=validation_prompts, validation_images=validation_images,
                          progress=progress)
     info = {"path": str(Path(dataset).resolve()), "layout": data.layout, "file": str(data.file),
@@ -141,7 +129,7 @@ def _print_summary(store: Path, result) -> None:
     changes = {k: len(v) for k, v in result.plan.changes.items()}
     console.print(f"encoded {result.encoded_videos} clips and {result.encoded_texts} captions "
                   f"(sources new {changes['new']}, changed {changes['changed']}, removed {changes['removed']}, "
-                  f"unchanged {changes['unchanged']}); {human_bytes(store_bytes(store))} on disk; "
+                  f"unchanged {changes['unchanged']}); {human_bytes(disk_bytes(store))} on disk; "
                   f"{result.seconds:.1f} s")
     if result.skipped:
         reasons = Counter(_reason_kind(b.reason) for b in result.skipped)
@@ -166,7 +154,9 @@ def status(
     verify: bool = typer.Option(False, help="Re-hash every file instead of trusting unchanged size and mtime."),
 ) -> None:
     """Print what an encode would do (new / changed / removed / unchanged); exit 1 when the store is stale."""
-    plan = plan_against_store(dataset, store, model, verify)
+    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json", verify=verify)
+    m = open_model(model or S.Manifest.load(store).model["path"], PREP_COMPONENTS)
+    plan = plan_against_store(dataset, store, model_fingerprints(m, hashes)[2], hashes)
     counts = {k: len(v) for k, v in plan.changes.items()}
     typer.echo(" ".join(f"{k} {counts[k]}" for k in ("new", "changed", "removed", "unchanged"))
                + f"; to encode: {len(plan.video_jobs)} clips, {len(plan.text_jobs)} captions; bad items {len(plan.bad)}")
@@ -179,18 +169,183 @@ def status(
     typer.echo("store is current")
 
 
-def plan_against_store(dataset: Path, store: Path, model: str | None = None, verify: bool = False):
-    """Plan an encode of `dataset` with the settings recorded in `store` (what `status` and cogtrain check)."""
+@app.command("gc")
+@exit_on_user_error
+def gc_store(
+    store: Path = typer.Argument(..., help="The store to clean up."),
+    dry_run: bool = typer.Option(False, help="Print what gc would do and change nothing."),
+) -> None:
+    """Reclaim the space of dead items (old versions after edits, killed runs' leftovers); live items are copied,
+    never re-encoded. Run it when no encode is writing to STORE."""
+    from .maintain import plan_gc, run_gc
+
+    if dry_run:  # reads only: no lock, so it writes nothing at all
+        plan = plan_gc(store)
+        _print_gc_plan(store, plan, "would ")
+        typer.echo(f"would reclaim about {human_bytes(plan.dead_bytes(store))} of {human_bytes(disk_bytes(store))}")
+        return
+    with S.store_lock(store):
+        plan = plan_gc(store)
+        before = disk_bytes(store)
+        _print_gc_plan(store, plan, "")
+        copied = run_gc(store, plan)
+        after = disk_bytes(store)
+    typer.echo(f"copied {copied} live items; bytes before {before} ({human_bytes(before)}), after {after} "
+               f"({human_bytes(after)}), reclaimed {before - after} ({human_bytes(before - after)})")
+
+
+def _print_gc_plan(store: Path, plan, would: str) -> None:
+    if plan.empty:
+        typer.echo(f"{store}: nothing to reclaim ({len(plan.keep)} shards, every item live)")
+        return
+    typer.echo(f"{would}keep {len(plan.keep)} shards whose items are all live")
+    for use in plan.rewrite:
+        typer.echo(f"{would}rewrite {use.shard}: {len(use.live)} of {len(use.items)} items live")
+    for shard in plan.delete:
+        typer.echo(f"{would}delete {shard}: no live item")
+    for path in plan.temp_files:
+        typer.echo(f"{would}delete {path.relative_to(store).as_posix()}: left by a killed run")
+
+
+@app.command("inspect")
+@exit_on_user_error
+def inspect_store(
+    store: Path = typer.Argument(..., help="The store to describe."),
+    preview: Optional[Path] = typer.Option(None, help="Write a PNG contact sheet of each sample's first frame, "
+                                           "decoded from the cached latents."),
+    model: Optional[str] = typer.Option(None, help="Model whose VAE decodes the preview (default: the store's)."),
+    max_samples: int = typer.Option(16, help="Samples on the preview."),
+) -> None:
+    """Print what STORE holds: buckets, sample kinds, bytes on disk, model, encode settings, dataset, last report."""
+    from rich.console import Console
+
     manifest = S.Manifest.load(store)
-    m = open_model(model or manifest.model["source"], PREP_COMPONENTS)
-    info = manifest.dataset
-    data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
-                        video_column=info.get("video_column"), id_token=info.get("id_token"))
-    st = dict(manifest.settings)
-    settings = EncodeSettings(**{**st, "sampling": FrameSampling(**st["sampling"])})
-    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json", verify=verify)
-    vae_fp, text_fp, _ = model_fingerprints(m, hashes)
-    return plan_encode(data, spec_from_json(st["buckets"]), settings, vae_fp, text_fp, Path(store), hashes)
+    rows = S.read_index(store)
+    console = Console()
+    for table in _inspect_tables(store, manifest, rows):
+        console.print(table)
+    if preview is not None:
+        _write_preview(store, manifest, rows, preview, model, max_samples, console)
+
+
+def _inspect_tables(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]]) -> list:
+    return [_bucket_table(store, manifest, rows), _kind_table(rows), _disk_table(store), _about_table(store, manifest)]
+
+
+def _bucket_table(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]]):
+    batch_sizes = {b["name"]: b["batch_size"] for b in manifest.buckets}
+    samples = Counter(r["bucket"] for r in rows)
+    table = _table(f"buckets of {store}", ["bucket", "samples", "batch size", "clips"])
+    for name in sorted(samples):
+        clips = len({r["video_key"] for r in rows if r["bucket"] == name})
+        table.add_row(name, str(samples[name]), str(batch_sizes.get(name, "?")), str(clips))
+    table.add_row("[b]total[/b]", f"[b]{len(rows)}[/b]", "", str(len({r["video_key"] for r in rows})))
+    return table
+
+
+def _kind_table(rows: list[dict[str, Any]]):
+    table = _table("samples", ["what", "count"])
+    for kind, n in sorted(Counter(r["kind"] for r in rows).items()):
+        table.add_row(f"{kind} samples", str(n))
+    table.add_row("sources", str(len({r["source"] for r in rows})))
+    table.add_row("captions", str(len({r["text_key"] for r in rows})))
+    return table
+
+
+def _disk_table(store: Path):
+    from .maintain import bytes_by_part, plan_gc
+
+    table = _table("bytes on disk", ["part", "bytes", "size"])
+    parts = bytes_by_part(store)
+    for part, n in sorted(parts.items()):
+        table.add_row(part, str(n), human_bytes(n))
+    table.add_row("[b]total[/b]", str(sum(parts.values())), human_bytes(sum(parts.values())))
+    try:
+        dead = plan_gc(store).dead_bytes(store)
+        table.add_row("reclaimable by cogprep gc", f"~{dead}", human_bytes(dead))
+    except CogtuneError as e:  # a damaged store is still worth describing
+        table.add_row("reclaimable by cogprep gc", "unknown", str(e))
+    return table
+
+
+def _about_table(store: Path, manifest: S.Manifest):
+    import json
+
+    from .maintain import load_report
+
+    table = _table("model, settings, dataset", ["", ""])
+    table.add_row("model", str(manifest.model.get("source")))
+    table.add_row("variant", str(manifest.model.get("variant")))
+    for component, fingerprint in sorted(manifest.model.get("fingerprints", {}).items()):
+        table.add_row(f"fingerprint {component}", fingerprint)
+    for key, value in sorted(manifest.settings.items()):
+        table.add_row(f"setting {key}", value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    for key, value in sorted(manifest.dataset.items()):
+        if value is not None:
+            table.add_row(f"dataset {key}", str(value))
+    report = load_report(store)
+    if report is None:
+        table.add_row("last encode", "no report.json")
+    else:
+        table.add_row("last encode", f"{report['encoded']['videos']} clips and {report['encoded']['texts']} "
+                                     f"captions encoded in {report['seconds']} s")
+        table.add_row("skipped", f"{len(report['skipped'])} (details in {Path(store) / S.REPORT})")
+    return table
+
+
+NUMERIC_COLUMNS = ("samples", "batch size", "clips", "count", "bytes")
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name in columns:
+        table.add_column(name, justify="right" if name in NUMERIC_COLUMNS else "left", overflow="fold")
+    return table
+
+
+
+def _write_preview(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]], out: Path, model: str | None,
+                   max_samples: int, console) -> None:
+    from .maintain import (
+        contact_sheet,
+        decode_first_frames,
+        preview_rows,
+        preview_vae,
+        save_png,
+    )
+
+    shown = preview_rows(rows, max_samples)
+    if not shown:
+        raise CogtuneError(f"{Path(store) / S.INDEX}: no samples to preview")
+    m = open_model(model or manifest.model["source"], ("vae",))
+    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json")
+    if m.fingerprint(("vae",), hashes)["vae"] != manifest.model.get("fingerprints", {}).get("vae"):
+        console.print(f"[yellow]warning[/yellow]: {m.path / 'vae'} is not the VAE the store was encoded with: "
+                      "the preview will not show the videos")
+    frames = decode_first_frames(store, shown, preview_vae(m))
+    save_png(contact_sheet(frames, [(r["bucket"], r["caption"]) for r in shown]), out)
+    console.print(f"preview of {len(shown)} samples: {out}")
+
+
+@app.command("extract-frames")
+@exit_on_user_error
+def extract_frames(
+    dataset: Path = typer.Argument(..., help="A txt dataset folder (prompts.txt + videos.txt)."),
+    out_dir: str = typer.Option("images", help="Folder for the PNGs, relative to DATASET."),
+    overwrite: bool = typer.Option(False, help="Replace an existing images.txt and PNGs."),
+) -> None:
+    """Write the first frame of each video to OUT_DIR/<stem>.png and list them in DATASET/images.txt (I2V)."""
+    from .maintain import extract_first_frames
+
+    result = extract_first_frames(dataset, out_dir, overwrite)
+    typer.echo(f"wrote {result.written} first frames to {Path(dataset) / out_dir} and {result.images_file}")
+    for bad in result.bad:
+        typer.echo(f"  no image: {bad.reason}")
+    if result.bad:
+        typer.echo(f"{len(result.bad)} videos have no image: their images.txt lines are empty, and encode reports "
+                   "them as bad items")
 
 
 def main() -> None:

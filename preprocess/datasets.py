@@ -154,9 +154,9 @@ def _read_txt(root: Path, prompts_name: str, videos_name: str) -> Dataset:
     for f in (prompts_file, videos_file):
         if not f.is_file():
             raise CogtuneError(f"{f}: not found (the txt layout pairs {prompts_name} with {videos_name})")
-    captions = _lines(_read_text(prompts_file))
-    paths = _lines(_read_text(videos_file))
-    images = _lines(_read_text(images_file)) if images_file.is_file() else None
+    captions = split_lines(read_text_file(prompts_file))
+    paths = split_lines(read_text_file(videos_file))
+    images = split_lines(read_text_file(images_file)) if images_file.is_file() else None
     items: list[DatasetItem] = []
     bad: list[BadItem] = []
     length = max(len(captions), len(paths), len(images or []))
@@ -206,7 +206,7 @@ def _read_csv(file: Path, caption_column: str | None, video_column: str | None) 
 
 def _csv_rows(file: Path) -> list[tuple[int, list[str]]]:
     """Non-blank rows with the line each starts on (a quoted field may span lines)."""
-    reader = csv.reader(io.StringIO(_read_text(file), newline=""), strict=True)
+    reader = csv.reader(io.StringIO(read_text_file(file), newline=""), strict=True)
     rows = []
     start = 1
     try:
@@ -236,7 +236,7 @@ def _pick_column(
 
 
 def _read_json(file: Path) -> Dataset:
-    text = _read_text(file)
+    text = read_text_file(file)
     entries: list[tuple[int, str, Any]] = []
     if text.lstrip().startswith("["):
         try:
@@ -246,7 +246,7 @@ def _read_json(file: Path) -> Dataset:
         entries = [(number, f"{file.name} entry {number}", entry) for number, entry in enumerate(data, 1)]
     else:
         # JSON Lines: one object per line (also accepted under a .json name, a common mix-up).
-        for number, line in enumerate(_lines(text), 1):
+        for number, line in enumerate(split_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -330,7 +330,7 @@ def _resolve(root: Path, written: str, what: str) -> tuple[Path | None, str | No
     return path, None
 
 
-def _read_text(file: Path) -> str:
+def read_text_file(file: Path) -> str:
     """A text file's content, BOM removed; bytes that are not UTF-8 survive as lone surrogates, so one bad
     line spoils only its own item (see `_undecodable`)."""
     try:
@@ -346,7 +346,7 @@ def _read_text(file: Path) -> str:
     return data.removeprefix(_UTF8_BOM).decode("utf-8", errors="surrogateescape")
 
 
-def _lines(text: str) -> list[str]:
+def split_lines(text: str) -> list[str]:
     """Lines split on LF only (CR of CRLF dropped), trailing blank lines removed."""
     lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and not lines[-1].strip():

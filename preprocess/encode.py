@@ -8,6 +8,7 @@ store intact, and the next run reuses the items in the shards it had closed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,14 @@ from ..shared.models import Model, parse_dtype
 from ..shared.video import read_frames
 from .datasets import BadItem, Dataset
 from .frames import resize_to_bucket
-from .plan import CACHE_DIR, EncodeSettings, Plan, VideoJob, plan_encode
+from .plan import (
+    CACHE_DIR,
+    EncodeSettings,
+    Plan,
+    VideoJob,
+    plan_encode,
+    text_fingerprint,
+)
 
 PENDING = ".pending"
 KILL_HOOK = "COGTUNE_TEST_KILL_AT"
@@ -97,7 +105,7 @@ def _barrier(world: int) -> None:
 def model_fingerprints(model: Model, hashes: FileHashes) -> tuple[str, str, dict[str, str]]:
     """(VAE fingerprint, text fingerprint (T5 + tokenizer), all component fingerprints)."""
     fps = model.fingerprint(PREP_COMPONENTS, hashes)
-    return fps["vae"], hash_json([fps["text_encoder"], fps["tokenizer"]]), fps
+    return fps["vae"], text_fingerprint(fps), fps
 
 
 def run_encode(
@@ -109,8 +117,17 @@ def run_encode(
     options: RunOptions,
     dataset_info: dict[str, Any],
 ) -> EncodeResult:
-    started = time.time()
+    """Encode what `dataset` needs and the store lacks, then commit the index (see the module docstring)."""
     store = Path(store)
+    # an existing store is locked for the whole run, so `cogprep gc` cannot delete shards this run reuses or
+    # writes before they are committed (a store this run creates has no other user yet)
+    lock = S.store_lock(store) if dist_info()[0] == 0 and store.is_dir() else contextlib.nullcontext()
+    with lock:
+        return _run_encode(dataset, model, store, spec, settings, options, dataset_info)
+
+
+def _run_encode(dataset, model, store, spec, settings, options, dataset_info) -> EncodeResult:
+    started = time.time()
     rank, world, local_rank = dist_info()
     created = _first_missing(store)  # the topmost folder this run makes; None where the store exists
     if rank == 0 and created is None:
@@ -411,8 +428,6 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
             "text_size": text_loc.size,
             "text_tokens": tokens,
         })
-    S.write_index(store, rows)
-    _test_kill("index")
     counts = Counter(r["bucket"] for r in rows)
     buckets = []
     for name in sorted(counts):
@@ -420,13 +435,15 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
         buckets.append({"name": name, "frames": f, "height": h, "width": w,
                         "batch_size": spec.batch_size_for(Bucket(f, h, w)), "samples": counts[name]})
     manifest = S.Manifest(
-        model={"source": model.source, "variant": model.variant.name, "fingerprints": fps,
+        model={"source": model.source, "path": str(model.path), "variant": model.variant.name, "fingerprints": fps,
                "configs": model.config_fingerprint(("vae", "text_encoder"))},
         settings=settings.to_json(),
         dataset=dataset_info,
         buckets=buckets,
     )
-    manifest.save(store)
+    S.write_index(store, rows, manifest)  # the commit point: rows and manifest together
+    _test_kill("index")
+    S.atomic_write_text(store / S.STORE_JSON, manifest.to_json())  # the readable copy
     shutil.rmtree(store / PENDING, ignore_errors=True)
     result.samples = len(rows)
     result.skipped = skipped
@@ -441,10 +458,6 @@ def _write_report(store: Path, result: EncodeResult) -> None:
         "seconds": round(result.seconds, 3),
     }
     S.atomic_write_text(store / S.REPORT, json.dumps(report, indent=2))
-
-
-def store_bytes(store: Path) -> int:
-    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file() and CACHE_DIR not in p.parts)
 
 
 def human_bytes(n: float) -> str:

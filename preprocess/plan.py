@@ -24,7 +24,7 @@ from ..shared.atomic import atomic_write_text
 from ..shared.buckets import Bucket, BucketSpec, assign_bucket
 from ..shared.fingerprint import FileHashes, hash_json
 from ..shared.video import read_video_info
-from .datasets import BadItem, Dataset, DatasetItem
+from .datasets import BadItem, Dataset, DatasetItem, read_dataset
 from .frames import ClipWindow, FrameSampling, plan_clips, usable_frames
 
 CACHE_DIR = ".cache"
@@ -117,6 +117,30 @@ class ProbeCache:
         if self.path is not None and self._dirty:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.entries))
+
+
+def text_fingerprint(fingerprints: dict[str, str]) -> str:
+    """One fingerprint for T5 + tokenizer from the component fingerprints: what text item keys depend on."""
+    return hash_json([fingerprints["text_encoder"], fingerprints["tokenizer"]])
+
+
+def plan_against_store(dataset: Path, store: Path, fingerprints: dict[str, str] | None = None,
+                       hashes: FileHashes | None = None) -> Plan:
+    """Plan an encode of `dataset` with the settings and dataset options recorded in `store`.
+
+    `fingerprints` are the model's component fingerprints (vae, text_encoder, tokenizer); by default those the
+    store recorded, which asks only whether the *dataset* changed (what cogtrain checks, with no T5 to hash).
+    """
+    manifest = S.Manifest.load(store)
+    fingerprints = fingerprints or manifest.model["fingerprints"]
+    info = manifest.dataset
+    data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
+                        video_column=info.get("video_column"), id_token=info.get("id_token"))
+    recorded = dict(manifest.settings)
+    settings = EncodeSettings(**{**recorded, "sampling": FrameSampling(**recorded["sampling"])})
+    hashes = hashes or FileHashes(Path(store) / CACHE_DIR / "files.json")
+    return plan_encode(data, BucketSpec.from_json(recorded["buckets"]), settings, fingerprints["vae"],
+                       text_fingerprint(fingerprints), Path(store), hashes)
 
 
 def text_key(caption: str, text_fingerprint: str, settings: EncodeSettings) -> str:

@@ -4,7 +4,6 @@
 from pathlib import Path
 
 import typer
-
 from cogtune.shared.variants import VARIANTS
 from cogtune.shared.zoo import make_tiny_model
 

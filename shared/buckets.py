@@ -13,12 +13,12 @@ odd latent count in the trainer, as its pipeline does).
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import yaml
 
 from .errors import CogtuneError
@@ -88,6 +88,21 @@ class BucketSpec:
 
     def batch_size_for(self, bucket: Bucket) -> int:
         return self.batch_sizes.get(bucket.name, self.batch_size)
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as recorded in store.json (`from_json` reads it back)."""
+        return {
+            "frames_by_resolution": [[h, w, list(f)] for (h, w), f in sorted(self.frames_by_resolution.items())],
+            "batch_size": self.batch_size,
+            "batch_sizes": dict(sorted(self.batch_sizes.items())),
+            "token_budget": self.token_budget,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BucketSpec:
+        return cls({(h, w): tuple(f) for h, w, f in data["frames_by_resolution"]}, data["batch_size"],
+                   dict(data["batch_sizes"]), data["token_budget"], data["source"])
 
 
 def is_valid_frame_count(frames: int) -> bool:

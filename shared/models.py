@@ -72,6 +72,16 @@ class Model:
             self.config("transformer"), vae, self.index.get("_class_name"), where=str(self.source)
         )
 
+    def native_size(self) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels the model was trained at: its transformer config for 1.0 (sample_*
+        in latents), the release table for 1.5 (whose sample size is the RoPE grid's maximum, not a training
+        size). Tiny test models have their own native size; the release's come out as 49x480x720."""
+        v = self.variant
+        if v.generation == "1.5":
+            return v.native_frames, v.native_height, v.native_width
+        tc = self.config("transformer")
+        return tc.get("sample_frames", v.native_frames), tc["sample_height"] * 8, tc["sample_width"] * 8
+
     # ---- loaders: each loads one component, in the dtype asked for ----
     def load_vae(self, dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKLCogVideoX

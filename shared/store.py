@@ -21,18 +21,21 @@ A sample (an index row) points at one video item and one text item by shard path
 each member, so any member is read with one seek; a caption shared by many clips is stored once. Items are
 content-keyed: a video item by (video content, clip window, bucket, resize mode, fps, VAE, dtype), a text item
 by (caption, T5 + tokenizer, max length). Shards are written under a temporary name and renamed when closed;
-index.parquet is replaced atomically last. A run killed at any moment leaves the previous index intact, and
+index.parquet, which also holds the manifest, is replaced atomically last. A run killed at any moment leaves the previous index intact, and
 closed shards it wrote are found again by `scan_shard` so their items need not be encoded twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import tarfile
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,16 +109,28 @@ class Manifest:
     version: int = FORMAT_VERSION
     updated: float = field(default_factory=time.time)
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
     def save(self, store: Path) -> None:
-        atomic_write_text(Path(store) / STORE_JSON, json.dumps(asdict(self), indent=2, sort_keys=True))
+        """Record the manifest: inside index.parquet (the commit point) and as the readable store.json."""
+        if (Path(store) / INDEX).exists():
+            write_index(store, read_index(store), self)
+        atomic_write_text(Path(store) / STORE_JSON, self.to_json())
 
     @classmethod
     def load(cls, store: Path) -> Manifest:
+        """The manifest committed with the index (store.json is its readable copy, and the fallback)."""
+        index = Path(store) / INDEX
         path = Path(store) / STORE_JSON
+        text = _index_manifest(index) if index.exists() else None
+        if text is None:
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                raise CogtuneError(f"{path}: missing: not a cogtune store (run cogprep encode first)") from None
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CogtuneError(f"{path}: missing: not a cogtune store (run cogprep encode first)") from None
+            data = json.loads(text)
         except ValueError as e:
             raise CogtuneError(f"{path}: not valid JSON ({e})") from None
         if data.get("format") != FORMAT:
@@ -298,12 +313,50 @@ class ShardReader:
 # index
 
 
-def write_index(store: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace index.parquet atomically: the commit point of an encode. Rows are sorted by key."""
+@contextmanager
+def store_lock(store: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the store folder itself (no lock file to leave behind; the OS drops
+    the lock when the process dies, so a kill never leaves the store locked)."""
+    if not Path(store).is_dir():
+        raise CogtuneError(f"{store}: no such store")
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CogtuneError(f"{store}: another cogprep (encode or gc) is working on this store; try again later") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+
+
+MANIFEST_KEY = b"cogtune.manifest"
+
+
+def write_index(store: Path, rows: list[dict[str, Any]], manifest: Manifest | None = None) -> None:
+    """Replace index.parquet atomically: the commit point of an encode. Rows are sorted by key.
+
+    The manifest is stored in the file's metadata, so rows and manifest are committed together; without
+    `manifest`, the one already committed is kept (e.g. when `cogprep gc` only moves rows).
+    """
+    path = Path(store) / INDEX
+    text = manifest.to_json() if manifest is not None else (_index_manifest(path) if path.exists() else None)
     rows = sorted(rows, key=lambda r: r["key"])
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    with atomic_path(Path(store) / INDEX) as tmp:
+    schema = INDEX_SCHEMA.with_metadata({MANIFEST_KEY: text.encode()}) if text is not None else INDEX_SCHEMA
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def _index_manifest(path: Path) -> str | None:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CogtuneError(f"{path}: unreadable index ({e})") from None
+    value = metadata.get(MANIFEST_KEY)
+    return value.decode() if value is not None else None
 
 
 def read_index(store: Path) -> list[dict[str, Any]]:
@@ -311,7 +364,7 @@ def read_index(store: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        return pq.read_table(path, schema=INDEX_SCHEMA).to_pylist()
+        return pq.read_table(path).cast(INDEX_SCHEMA).to_pylist()
     except (pa.ArrowInvalid, OSError) as e:
         raise CogtuneError(f"{path}: unreadable index ({e})") from None
 

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from cogtune.shared.variants import VARIANTS
 from cogtune.shared.zoo import make_tiny_model
 

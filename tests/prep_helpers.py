@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from typer.testing import CliRunner
-
 from cogtune.preprocess.cli import app
 from cogtune.shared import store as S
 from cogtune.shared.video import write_video
+from typer.testing import CliRunner
 
 TINY_BUCKETS = Path(__file__).parents[1] / "scripts" / "tiny_buckets.yaml"
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from cogtune.shared import store as S
 
 LATENT_CHANNELS = 4

@@ -5,9 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cogtune.shared.buckets import (
     Bucket,
     assign_bucket,
@@ -22,6 +19,8 @@ from cogtune.shared.buckets import (
 from cogtune.shared.errors import CogtuneError
 from cogtune.shared.variants import get_variant
 from cogtune.shared.zoo import TINY_NATIVE
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def spec_of(**data):

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from cogtune.preprocess.datasets import detect_layout, read_dataset
 from cogtune.shared.errors import CogtuneError
 

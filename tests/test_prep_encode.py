@@ -7,13 +7,19 @@ import shutil
 import pytest
 import torch
 import webdataset as wds
-
 from cogtune.shared import store as S
 from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.video import write_video
-
-from prep_helpers import (add_clip, assert_same_content, cogprep, encode, read_lines, report, store_content,
-                          write_lines)
+from prep_helpers import (
+    add_clip,
+    assert_same_content,
+    cogprep,
+    encode,
+    read_lines,
+    report,
+    store_content,
+    write_lines,
+)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
-
 from cogtune.preprocess.encode import KILL_HOOK, PENDING
 from cogtune.shared import store as S
 from cogtune.shared.errors import CogtuneError
 from cogtune.shared.video import read_frames, read_video_info, write_video
-
-from prep_helpers import TINY_BUCKETS, add_clip, assert_same_content, encode, read_lines, report, store_content
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from prep_helpers import (
+    TINY_BUCKETS,
+    add_clip,
+    assert_same_content,
+    encode,
+    read_lines,
+    report,
+    store_content,
+)
 
 COGPREP = Path(sys.executable).with_name("cogprep")
 """The console script of this venv: subprocess runs go through the real entry point."""
@@ -302,11 +308,13 @@ def test_kill_9_at_any_point_then_rerun_completes_the_store(base, tmp_path):
     assert S.read_index(store) == before_rows
     assert_same_content(store_content(store), base.content)
 
-    # (c) a run SIGKILLed between the index write (the commit) and the manifest write
+    # (c) a run SIGKILLed between the index write (the commit) and the store.json write
     assert_killed(cogprep_process(data, model, store, kill_at="index"))
     rows = S.read_index(store)
     assert sorted(r["source"] for r in rows) == sorted(read_lines(data / "videos.txt"))
     assert (store / S.STORE_JSON).read_bytes() == before[S.STORE_JSON]
+    # the manifest was committed inside the index with its rows: readers see the new one, not the stale copy
+    assert sum(b["samples"] for b in S.Manifest.load(store).buckets) == len(rows) == 5
 
     # a normal re-run finds everything committed, encodes nothing and writes the manifest
     encode(data, model, store)

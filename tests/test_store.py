@@ -4,7 +4,6 @@ import json
 
 import torch
 import webdataset as wds
-
 from cogtune.shared import store as S
 
 
@@ -69,7 +68,6 @@ def test_index_round_trip_and_manifest(tmp_path):
 
 def test_manifest_errors_name_the_file(tmp_path):
     import pytest
-
     from cogtune.shared.errors import CogtuneError
 
     with pytest.raises(CogtuneError, match="store.json: missing"):

@@ -13,14 +13,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from cogtune.shared.errors import CogtuneError
 from cogtune.shared.store import ShardReader, read_sample
 from cogtune.train.data import BucketBatchSampler, StoreLoader
 from cogtune.train.state import TrainState, load_checkpoint_dir, save_checkpoint_dir
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from store_builder import build_random_store
 
 # 5 + 3 + 1 samples: batches of 2 leave partial batches in two buckets; the 1-sample bucket has batch size 1

@@ -13,9 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from PIL import Image
-
 from cogtune.shared.variants import VARIANTS, get_variant
 from cogtune.shared.zoo import TINY_NATIVE, build_tiny_pipeline
 from cogtune.train.math import (
@@ -29,6 +26,8 @@ from cogtune.train.math import (
     sample_latents,
     training_step,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
 
 ALL = list(VARIANTS)
 I2V = [s for s in ALL if VARIANTS[s].task == "i2v"]

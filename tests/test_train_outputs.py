@@ -9,22 +9,31 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import CogVideoXTransformer3DModel
-from peft import LoraConfig
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.models import open_model
 from cogtune.shared.store import Manifest, write_extras
 from cogtune.shared.video import read_frames, read_video_info
 from cogtune.shared.zoo import TINY_NATIVE
-from cogtune.train.math import TrainBatch, ofs_tensor, padded_frame_count, rotary_embeddings, training_step
-from cogtune.train.outputs import LORA_WEIGHT_NAME, save_full, save_lora, write_model_card
+from cogtune.train.math import (
+    TrainBatch,
+    ofs_tensor,
+    padded_frame_count,
+    rotary_embeddings,
+    training_step,
+)
+from cogtune.train.outputs import (
+    LORA_WEIGHT_NAME,
+    save_full,
+    save_lora,
+    write_model_card,
+)
 from cogtune.train.validation import run_validation
-
+from diffusers import CogVideoXTransformer3DModel
+from peft import LoraConfig
+from PIL import Image
 from prep_helpers import encode
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 8  # alpha != rank: a loader that assumes alpha = rank gets half the trained strength

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from typer.testing import CliRunner
-
 from cogtune.shared import store as S
 from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.models import open_model
 from cogtune.train import cli as train_cli
 from cogtune.train.config import TrainConfig
-
 from prep_helpers import add_clip, encode
+from safetensors.torch import load_file
 from store_builder import build_random_store
+from typer.testing import CliRunner
 
 FAST = ("--mixed-precision", "no", "--report-to", "none", "--no-progress", "--rank", "4")
 """Options every test run takes: float32 on the CPU, no tracker, no bar, a small adapter."""

@@ -3,11 +3,14 @@
 import json
 
 import pytest
-
 from cogtune.shared.errors import CogtuneError
 from cogtune.shared.models import open_model
 from cogtune.shared.variants import VARIANTS, detect_variant, get_variant
-from cogtune.shared.zoo import build_tiny_pipeline, tiny_transformer_config, tiny_vae_config
+from cogtune.shared.zoo import (
+    build_tiny_pipeline,
+    tiny_transformer_config,
+    tiny_vae_config,
+)
 
 
 def test_detector_names_each_tiny_model(tiny_models, variant_slug):

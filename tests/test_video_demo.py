@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cogtune.preprocess.datasets import read_dataset
 from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.errors import CogtuneError
 from cogtune.shared.video import read_frames, read_video_info, write_video
 from cogtune.shared.zoo import _TOKENIZER_CORPUS
+from PIL import Image
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 170, 50), (30, 60, 220)
 

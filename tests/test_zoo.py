@@ -6,7 +6,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from cogtune.shared.models import open_model
 from cogtune.shared.zoo import TINY_NATIVE, make_tiny_model
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from cogtune.shared.errors import CogtuneError
 from cogtune.shared.store import INDEX, Manifest, ShardReader, read_index, read_sample
 

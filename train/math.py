@@ -28,7 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
+    get_resize_crop_region_for_grid,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..shared.variants import detect_variant

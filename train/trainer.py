@@ -38,19 +38,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..preprocess.cli import native_size, spec_from_json
-from ..preprocess.datasets import read_dataset
-from ..preprocess.frames import FrameSampling
-from ..preprocess.plan import CACHE_DIR, EncodeSettings, plan_encode
+from ..preprocess.plan import plan_against_store
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.errors import CogtuneError
-from ..shared.fingerprint import FileHashes, hash_json
 from ..shared.models import Model, open_model
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .math import TrainBatch, drop_captions, training_step
-from .state import TRAIN_STATE_JSON, RngStates, TrainState, load_checkpoint_dir, save_checkpoint_dir
+from .state import (
+    TRAIN_STATE_JSON,
+    RngStates,
+    TrainState,
+    load_checkpoint_dir,
+    save_checkpoint_dir,
+)
 
 TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
 """What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
@@ -147,7 +149,7 @@ def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
     """A learned-positional-embedding model (5b-I2V) only runs at its native height x width, as in cogprep."""
     if not model.variant.fixed_size:
         return
-    _, height, width = native_size(model)
+    _, height, width = model.native_size()
     other = [b["name"] for b in manifest.buckets if (b["height"], b["width"]) != (height, width)]
     if other:
         raise CogtuneError(
@@ -162,7 +164,7 @@ def check_dataset_current(config: TrainConfig, manifest: S.Manifest) -> None:
     if dataset is None:
         return  # a store that records no dataset (built by hand) has nothing to be checked against
     try:
-        changes = dataset_changes(Path(dataset), config.store, manifest)
+        changes = plan_against_store(Path(dataset), config.store).changes
     except CogtuneError as e:
         raise CogtuneError(f"cannot check the store against its dataset ({e}): pass --dataset, or --allow-stale") from None
     counts = {kind: len(changes.get(kind, [])) for kind in ("new", "changed", "removed")}
@@ -171,26 +173,6 @@ def check_dataset_current(config: TrainConfig, manifest: S.Manifest) -> None:
             f"dataset changed since the store was encoded ({counts['new']} new, {counts['changed']} changed, "
             f"{counts['removed']} removed): run cogprep encode, or pass --allow-stale"
         )
-
-
-def dataset_changes(dataset: Path, store: Path, manifest: S.Manifest) -> dict[str, list[str]]:
-    """Sources new / changed / removed / unchanged between `dataset` now and the store's index.
-
-    `preprocess.cli.plan_against_store` with the model fingerprints recorded in store.json instead of
-    hashing the model again: the question is whether the *dataset* changed, and the trainer has no T5 to hash.
-    """
-    info = manifest.dataset
-    data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
-                        video_column=info.get("video_column"), id_token=info.get("id_token"))
-    settings = dict(manifest.settings)
-    settings = EncodeSettings(**{**settings, "sampling": FrameSampling(**settings["sampling"])})
-    recorded = manifest.model["fingerprints"]
-    # combined as preprocess.encode.model_fingerprints combines them for the text item keys
-    text_fingerprint = hash_json([recorded["text_encoder"], recorded["tokenizer"]])
-    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json")
-    plan = plan_encode(data, spec_from_json(manifest.settings["buckets"]), settings, recorded["vae"],
-                       text_fingerprint, Path(store), hashes)
-    return plan.changes
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
