@@ -29,7 +29,6 @@ from .encode import (
     run_encode,
 )
 from .frames import FrameSampling
-from .maintain import disk_bytes
 from .plan import CACHE_DIR, EncodeSettings, plan_against_store
 
 app = make_app(
@@ -117,6 +116,7 @@ def _print_summary(store: Path, result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+
     console = Console(stderr=False)
     rows = S.read_index(store)
     table = Table(title=f"cogprep: {store}")
@@ -129,7 +129,7 @@ def _print_summary(store: Path, result) -> None:
     changes = {k: len(v) for k, v in result.plan.changes.items()}
     console.print(f"encoded {result.encoded_videos} clips and {result.encoded_texts} captions "
                   f"(sources new {changes['new']}, changed {changes['changed']}, removed {changes['removed']}, "
-                  f"unchanged {changes['unchanged']}); {human_bytes(disk_bytes(store))} on disk; "
+                  f"unchanged {changes['unchanged']}); {human_bytes(S.disk_bytes(store))} on disk; "
                   f"{result.seconds:.1f} s")
     if result.skipped:
         reasons = Counter(_reason_kind(b.reason) for b in result.skipped)
@@ -182,14 +182,14 @@ def gc_store(
     if dry_run:  # reads only: no lock, so it writes nothing at all
         plan = plan_gc(store)
         _print_gc_plan(store, plan, "would ")
-        typer.echo(f"would reclaim about {human_bytes(plan.dead_bytes(store))} of {human_bytes(disk_bytes(store))}")
+        typer.echo(f"would reclaim about {human_bytes(plan.dead_bytes(store))} of {human_bytes(S.disk_bytes(store))}")
         return
     with S.store_lock(store):
         plan = plan_gc(store)
-        before = disk_bytes(store)
+        before = S.disk_bytes(store)
         _print_gc_plan(store, plan, "")
         copied = run_gc(store, plan)
-        after = disk_bytes(store)
+        after = S.disk_bytes(store)
     typer.echo(f"copied {copied} live items; bytes before {before} ({human_bytes(before)}), after {after} "
                f"({human_bytes(after)}), reclaimed {before - after} ({human_bytes(before - after)})")
 
@@ -253,10 +253,10 @@ def _kind_table(rows: list[dict[str, Any]]):
 
 
 def _disk_table(store: Path):
-    from .maintain import bytes_by_part, plan_gc
+    from .maintain import plan_gc
 
     table = _table("bytes on disk", ["part", "bytes", "size"])
-    parts = bytes_by_part(store)
+    parts = S.bytes_by_part(store)
     for part, n in sorted(parts.items()):
         table.add_row(part, str(n), human_bytes(n))
     table.add_row("[b]total[/b]", str(sum(parts.values())), human_bytes(sum(parts.values())))

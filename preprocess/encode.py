@@ -18,9 +18,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm import tqdm
 
 from ..shared import store as S
@@ -39,6 +38,9 @@ from .plan import (
     plan_encode,
     text_fingerprint,
 )
+
+if TYPE_CHECKING:  # torch is imported where there is work: a no-op re-run never loads it
+    import torch
 
 PENDING = ".pending"
 KILL_HOOK = "COGTUNE_TEST_KILL_AT"
@@ -146,14 +148,13 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info) ->
     store.mkdir(parents=True, exist_ok=True)
     if not options.strict:  # --strict writes nothing before it commits, not even the caches
         plan.save_caches()
-    device = _device(options.device, local_rank)
-    compute = torch.float32 if device.type == "cpu" and options.compute_dtype == "auto" else (
-        torch.bfloat16 if options.compute_dtype == "auto" else parse_dtype(options.compute_dtype))
-    storage = parse_dtype(settings.dtype)
     prefix = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank}"
     my_texts = sorted(plan.text_jobs)[rank::world]
     my_videos = [plan.video_jobs[k] for k in sorted(plan.video_jobs)[rank::world]]
     extras_stale = rank == 0 and _extras_stale(store, text_fp, options)
+    if my_texts or my_videos or extras_stale:
+        device, compute = _compute_device(options, local_rank)
+        storage = parse_dtype(settings.dtype)
 
     writers: dict[str, S.ShardWriter] = {}
     made: list[Path] = []  # shard folders this run created
@@ -247,6 +248,8 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int
     no attention mask), and each caption's true token count."""
     inputs = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
                        add_special_tokens=True, return_tensors="pt")
+    import torch
+
     with torch.no_grad():
         embeds = text_encoder(inputs.input_ids.to(device))[0]
     return list(embeds.float().cpu()), [int(n) for n in inputs.attention_mask.sum(1)]
@@ -254,6 +257,8 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int
 
 def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSettings, device, compute, storage):
     """The members of one video item: posterior mean and logvar of the clip, and the I2V image latents."""
+    import torch
+
     frames = decoded["frames"]  # uint8 [F, H, W, 3]
     x = frames.permute(3, 0, 1, 2).unsqueeze(0).to(device, compute) / 127.5 - 1.0
     with torch.no_grad():
@@ -272,6 +277,8 @@ def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSetting
 def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSettings, device, compute, storage):
     """The I2V conditioning image, VAE-encoded as a 1-frame video: the clean posterior mean, and K encodings of
     the image with pixel-space noise sigma = exp(N(-3, 0.5)) (the augmentation the trainer draws from)."""
+    import torch
+
     k = settings.image_noise_variants
     gen = torch.Generator().manual_seed((int(key[:15], 16) + settings.seed) % (2**63))
     pixels = image.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
@@ -284,7 +291,7 @@ def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSe
     return {"clean": posterior.mean[0].to(storage), "noisy": samples[1:].to(storage), "sigma": sigma.float()}
 
 
-class _DecodeJobs(torch.utils.data.Dataset):
+class _DecodeJobs:
     """Decode + resize in DataLoader workers; a failure comes back as an error string, never an exception."""
 
     def __init__(self, jobs: list[VideoJob], resize: str, i2v: bool):
@@ -294,6 +301,8 @@ class _DecodeJobs(torch.utils.data.Dataset):
         return len(self.jobs)
 
     def __getitem__(self, i: int) -> dict:
+        import torch
+
         job = self.jobs[i]
         b = job.bucket
         try:
@@ -313,6 +322,8 @@ def _keep(x):
 
 
 def _decoded(jobs: list[VideoJob], resize: str, i2v: bool, options: RunOptions):
+    import torch
+
     loader = torch.utils.data.DataLoader(
         _DecodeJobs(jobs, resize, i2v), batch_size=None, shuffle=False, num_workers=options.workers,
         collate_fn=_keep, prefetch_factor=4 if options.workers else None, persistent_workers=False,
@@ -331,10 +342,17 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+def _compute_device(options: RunOptions, local_rank: int) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype the VAE and T5 run: ``auto`` is cuda:LOCAL_RANK in bfloat16, else cpu in float32."""
+    import torch
+
+    if options.device == "auto":
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(options.device)
+    if options.compute_dtype != "auto":
+        return device, parse_dtype(options.compute_dtype)
+    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def _loc(loc: S.Location) -> list:
@@ -365,9 +383,8 @@ def _validation_inputs(options: RunOptions) -> tuple[list[str], list[Path]]:
 
 def _extras_stale(store: Path, text_fp: str, options: RunOptions) -> bool:
     prompts, images = _validation_inputs(options)
-    try:
-        _, meta = S.read_extras(store)
-    except CogtuneError:
+    meta = S.read_extras_metadata(store)
+    if meta is None:
         return True
     want = hash_json([text_fp, prompts, [str(p) for p in images]])
     return meta.get("inputs") != want
@@ -375,6 +392,8 @@ def _extras_stale(store: Path, text_fp: str, options: RunOptions) -> bool:
 
 def _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, storage):
     """extras.safetensors' tensors and metadata (written once every shard of the run is closed)."""
+    import torch
+
     prompts, images = _validation_inputs(options)
     embeds, _ = encode_prompts(tokenizer, text_encoder, [""] + prompts, settings.text_length, device)
     tensors = {"empty_embedding": embeds[0].to(storage)}

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..shared.errors import CogtuneError
 
@@ -155,6 +153,9 @@ def resize_to_bucket(frames: np.ndarray, height: int, width: int, mode: ResizeMo
     each axis separately (the THUDM default), distorting it. Bilinear with antialiasing, so downscaling does
     not alias.
     """
+    import torch
+    import torch.nn.functional as F
+
     if mode not in ("crop", "stretch"):
         raise ValueError(f"resize mode must be 'crop' or 'stretch', got {mode!r}")
     count, source_h, source_w, _ = frames.shape

@@ -22,7 +22,6 @@ import shutil
 import tarfile
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,7 +43,6 @@ from .datasets import (  # the txt reader's own line rules: line N here is line 
     split_lines,
 )
 from .encode import PENDING, RunOptions
-from .plan import CACHE_DIR
 
 TAR_BLOCK = 512
 
@@ -220,28 +218,6 @@ def load_report(store: Path) -> dict[str, Any] | None:
         return None
     except ValueError as e:
         raise CogtuneError(f"{path}: not valid JSON ({e})") from None
-
-
-def bytes_by_part(store: Path) -> dict[str, int]:
-    """Bytes on disk of the store's parts: video shards, text shards, index, extras, other files (manifest,
-    report, a killed run's leftovers); the file-hash and probe caches left out."""
-    store = Path(store)
-    out = Counter()
-    for p in store.rglob("*"):
-        if not p.is_file() or CACHE_DIR in p.relative_to(store).parts:
-            continue
-        rel = p.relative_to(store).parts
-        if rel[0] == S.SHARDS:
-            out["text shards" if rel[1] == S.TEXT_BUCKET else "video shards"] += p.stat().st_size
-        elif p.name in (S.INDEX, S.EXTRAS):
-            out[p.name] += p.stat().st_size
-        else:
-            out["other files"] += p.stat().st_size
-    return dict(out)
-
-
-def disk_bytes(store: Path) -> int:
-    return sum(bytes_by_part(store).values())
 
 
 def preview_rows(rows: list[dict[str, Any]], max_samples: int) -> list[dict[str, Any]]:

@@ -23,11 +23,10 @@ from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.buckets import Bucket, BucketSpec, assign_bucket
 from ..shared.fingerprint import FileHashes, hash_json
+from ..shared.store import CACHE_DIR
 from ..shared.video import read_video_info
 from .datasets import BadItem, Dataset, DatasetItem, read_dataset
 from .frames import ClipWindow, FrameSampling, plan_clips, usable_frames
-
-CACHE_DIR = ".cache"
 
 
 @dataclass(frozen=True)

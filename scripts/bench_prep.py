@@ -37,7 +37,6 @@ from cogtune.preprocess import encode as E
 from cogtune.preprocess.cli import app
 from cogtune.preprocess.datasets import read_dataset
 from cogtune.preprocess.frames import FrameSampling
-from cogtune.preprocess.maintain import bytes_by_part
 from cogtune.preprocess.plan import EncodeSettings, plan_encode
 from cogtune.shared import store as S
 from cogtune.shared.buckets import BucketSpec
@@ -303,7 +302,7 @@ def bytes_per_sample(store: Path, model_path: Path) -> dict:
         raw["text"] += tensor_bytes(tensors["embedding"])
         naive += 4 * (2 * tensors["mean"].numel() + tensors["embedding"].numel())
     reader.close()
-    parts = bytes_by_part(store)
+    parts = S.bytes_by_part(store)
     on_disk = sum(parts.values())
     n = len(rows)
     overhead = {"video_item": (parts["video shards"] - raw["video"]) / n,

@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CogtuneError
 from .fingerprint import FileHashes, folder_fingerprint, hash_json
@@ -21,21 +19,20 @@ from .variants import Variant, detect_variant
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+if TYPE_CHECKING:  # imported lazily: `cogprep status` and no-op encodes never load torch
+    import torch
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     try:
-        return DTYPES[name.lower()]
+        return getattr(torch, DTYPES[name.lower()])
     except KeyError:
         raise CogtuneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
@@ -83,25 +80,25 @@ class Model:
         return tc.get("sample_frames", v.native_frames), tc["sample_height"] * 8, tc["sample_width"] * 8
 
     # ---- loaders: each loads one component, in the dtype asked for ----
-    def load_vae(self, dtype: torch.dtype = torch.float32):
+    def load_vae(self, dtype: torch.dtype | str = "float32"):
         from diffusers import AutoencoderKLCogVideoX
 
-        return AutoencoderKLCogVideoX.from_pretrained(self.path, subfolder="vae", torch_dtype=dtype).eval()
+        return AutoencoderKLCogVideoX.from_pretrained(self.path, subfolder="vae", torch_dtype=parse_dtype(dtype)).eval()
 
-    def load_text_encoder(self, dtype: torch.dtype = torch.float32):
+    def load_text_encoder(self, dtype: torch.dtype | str = "float32"):
         from transformers import T5EncoderModel
 
-        return T5EncoderModel.from_pretrained(self.path, subfolder="text_encoder", dtype=dtype).eval()
+        return T5EncoderModel.from_pretrained(self.path, subfolder="text_encoder", dtype=parse_dtype(dtype)).eval()
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path, subfolder="tokenizer")
 
-    def load_transformer(self, dtype: torch.dtype = torch.float32):
+    def load_transformer(self, dtype: torch.dtype | str = "float32"):
         from diffusers import CogVideoXTransformer3DModel
 
-        return CogVideoXTransformer3DModel.from_pretrained(self.path, subfolder="transformer", torch_dtype=dtype)
+        return CogVideoXTransformer3DModel.from_pretrained(self.path, subfolder="transformer", torch_dtype=parse_dtype(dtype))
 
     def load_scheduler(self):
         import diffusers

@@ -33,21 +33,21 @@ import json
 import os
 import tarfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from .atomic import atomic_path, atomic_write_text
 from .errors import CogtuneError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: planning a no-op encode never needs it
+    import torch
 
 FORMAT = "cogtune-store"
 FORMAT_VERSION = 1
@@ -56,6 +56,8 @@ INDEX = "index.parquet"
 EXTRAS = "extras.safetensors"
 REPORT = "report.json"
 SHARDS = "shards"
+CACHE_DIR = ".cache"
+"""cogprep's file-hash and probe caches: not part of the store's content."""
 TEXT_BUCKET = "text"
 
 LATENT = "latent.safetensors"
@@ -148,10 +150,14 @@ class Manifest:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save as save_safetensors
+
     return save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_safetensors
+
     return load_safetensors(data)
 
 
@@ -378,6 +384,28 @@ def read_sample(reader: ShardReader, row: dict[str, Any]) -> dict[str, torch.Ten
     return out
 
 
+def bytes_by_part(store: Path) -> dict[str, int]:
+    """Bytes on disk of the store's parts: video shards, text shards, index, extras, other files (manifest,
+    report, a killed run's leftovers); the file-hash and probe caches left out."""
+    store = Path(store)
+    out: Counter[str] = Counter()
+    for p in store.rglob("*"):
+        if not p.is_file() or CACHE_DIR in p.relative_to(store).parts:
+            continue
+        rel = p.relative_to(store).parts
+        if rel[0] == SHARDS:
+            out["text shards" if rel[1] == TEXT_BUCKET else "video shards"] += p.stat().st_size
+        elif p.name in (INDEX, EXTRAS):
+            out[p.name] += p.stat().st_size
+        else:
+            out["other files"] += p.stat().st_size
+    return dict(out)
+
+
+def disk_bytes(store: Path) -> int:
+    return sum(bytes_by_part(store).values())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # extras: store-level tensors
 
@@ -389,6 +417,17 @@ def write_extras(store: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
     with atomic_path(Path(store) / EXTRAS) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_extras_metadata(store: Path) -> dict[str, str] | None:
+    """extras.safetensors' metadata from its JSON header alone (no tensor read, no torch); None if absent."""
+    path = Path(store) / EXTRAS
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError):
+        return None
+    return header.get("__metadata__", {})
 
 
 def read_extras(store: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

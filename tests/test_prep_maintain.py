@@ -93,10 +93,10 @@ def test_gc_after_edits_reclaims_dead_items_and_keeps_content(edited, tiny_model
     assert "would rewrite" in dry.output and "would reclaim" in dry.output
     assert _files(store) == files
 
-    before = M.disk_bytes(store)
+    before = S.disk_bytes(store)
     out = cogprep("gc", store).output
     assert f"bytes before {before}" in out
-    assert M.disk_bytes(store) < before
+    assert S.disk_bytes(store) < before
     assert_same_content(store_content(store), content)
     assert {s: (store / s).stat().st_mtime_ns for s in kept} == kept  # all-live shards untouched
     for use in plan.rewrite:
