@@ -7,8 +7,6 @@ OUT="$(realpath -m "${1:-$ROOT/quickstart}")"
 VARIANT="${COGTUNE_VARIANT:-5b}"
 mkdir -p "$OUT"
 
-has() { "$1" --help 2>/dev/null | grep -qE "^\W*$2\b"; }
-
 [ -f "$OUT/model/model_index.json" ] || python "$ROOT/scripts/make_tiny_model.py" --variant "$VARIANT" --out "$OUT/model"
 [ -f "$OUT/data/videos.txt" ] || python "$ROOT/scripts/make_demo_dataset.py" --out "$OUT/data"
 python -c "
@@ -17,21 +15,14 @@ m = open_model('$OUT/model')
 print(f'model: {m.path} ({m.variant.name})')
 "
 
-if has cogprep encode; then
-  echo "== stage 1: cogprep encode"
-  cogprep encode "$OUT/data" --model "$OUT/model" --out "$OUT/store" --buckets "$ROOT/scripts/tiny_buckets.yaml"
-  cogprep status "$OUT/data" --store "$OUT/store"
-else
-  echo "== stage 1 (cogprep encode) is not built yet: skipped"
-fi
+echo "== stage 1: cogprep encode (a re-run encodes only what changed)"
+cogprep encode "$OUT/data" --model "$OUT/model" --out "$OUT/store" --buckets "$ROOT/scripts/tiny_buckets.yaml" \
+  --validation-prompts "$ROOT/scripts/tiny_validation_prompts.txt"
+cogprep status "$OUT/data" --store "$OUT/store"
 
-if has cogtrain run; then
-  echo "== stage 2: cogtrain run"
-  cogtrain run --store "$OUT/store" --model "$OUT/model" --out "$OUT/run" --max-steps 20 --checkpoint-every 10 \
-    --validate-every 20
-else
-  echo "== stage 2 (cogtrain run) is not built yet: skipped"
-fi
+echo "== stage 2: cogtrain run (LoRA; --resume latest continues an earlier quickstart run)"
+cogtrain run --store "$OUT/store" --model "$OUT/model" --out "$OUT/run" --max-steps 20 --checkpoint-every 10 \
+  --validate-every 20 --resume latest
 
 echo
 echo "outputs under $OUT:"
