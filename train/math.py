@@ -21,6 +21,7 @@ image condition, so the image latent sits at frame 0 of the *padded* sequence wi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -116,12 +117,17 @@ def rotary_embeddings(
     """
     if not transformer_config.get("use_rotary_positional_embeddings", False):
         return None
-    p = transformer_config["patch_size"]
-    p_t = transformer_config.get("patch_size_t")
+    c = transformer_config
+    return _rotary_tables(c["attention_head_dim"], c["patch_size"], c.get("patch_size_t"), c["sample_height"],
+                          c["sample_width"], latent_height, latent_width, num_latent_frames, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _rotary_tables(head_dim: int, p: int, p_t: int | None, sample_height: int, sample_width: int, latent_height: int,
+                   latent_width: int, num_latent_frames: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached per shape: a run has a few buckets, and the tables are only read (never written) by the model."""
     grid_height, grid_width = latent_height // p, latent_width // p
-    base_height = transformer_config["sample_height"] // p
-    base_width = transformer_config["sample_width"] // p
-    head_dim = transformer_config["attention_head_dim"]
+    base_height, base_width = sample_height // p, sample_width // p
     if p_t is None:
         return get_3d_rotary_pos_embed(
             embed_dim=head_dim,

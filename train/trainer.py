@@ -413,6 +413,10 @@ class Stepper:
     embed_dtype: torch.dtype
     """Dtype the embeddings are fed in: the frozen weights' (the pipelines feed the transformer's dtype)."""
 
+    def __post_init__(self) -> None:
+        # listed once: walking every parameter of a 5B model each step costs time for nothing
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+
     def step(self, step: int, batches) -> tuple[dict[str, float], dict[str, Any]]:
         """Optimizer step `step` (from 1) over the next --gradient-accumulation-steps batches.
 
@@ -421,7 +425,6 @@ class Stepper:
         config, accelerator = self.config, self.accelerator
         device, world = accelerator.device, accelerator.num_processes
         accumulation = config.gradient_accumulation_steps
-        trained = [p for p in self.model.parameters() if p.requires_grad]
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         samples, grad_norm = 0, None
@@ -440,7 +443,7 @@ class Stepper:
                                      generator=generator, transformer_config=self.transformer_config)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trained, config.max_grad_norm or math.inf)
+                    grad_norm = accelerator.clip_grad_norm_(self.trained, config.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,715 @@
+"""Benchmark cogtrain's step against a bare training loop and against the peers' VAE + T5 every step.
+
+    python scripts/bench_train.py [--arch tiny|5b] [--device cpu|cuda] [--mode lora|sft] [--rank 128]
+        [--frames F --height H --width W] [--batch-size 1] [--steps 20] [--warmup 3] [--rounds 2]
+        [--no-gradient-checkpointing] [--mixed-precision bf16] [--json PATH] [--work DIR] [--dry-run]
+
+Three variants on the same model, the same shapes and the same seed, each run in a fresh subprocess (so that
+their memory peaks do not mix), round after round (so that a slow spell of a shared machine hits all of them):
+
+  bare      the limit for a trainer that reads cached latents: inputs already on the device, the transformer's
+            forward + backward + optimizer step, nothing else;
+  cogtrain  cogtrain's own optimizer step, `train.trainer.Stepper.step`, set up as a run sets it up
+            (`check_run` + `prepare`): batches from a real store through the prefetching loader, caption
+            dropout, a fresh posterior sample, noise, rotary tables, gradient clipping, the lr schedule;
+  baseline  what the peers' scripts do without a cache: VAE.encode of the pixel frames and T5 on the prompt
+            every step, then the same training step (frames already decoded: a lower bound on their cost).
+
+Step time is wall clock per optimizer step (CUDA synchronised): the table gives the median over every measured
+step of every round (the ratio to the bare loop is taken on it), the mean, the minimum, and the process's CPU
+seconds per step (steadier than wall time where other processes share the CPU). Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` (and reserved) over the whole subprocess, weights included; on the CPU the
+growth of the process's anonymous peak RSS after the imports (library code pages left out, see `peak_memory`).
+Targets: cogtrain at most 1.05x the bare loop's median step time and 1.10x its peak memory; with ``--arch 5b
+--device cuda``, under 18 GB reserved at the peers' setup (LoRA r128, 49x480x720, batch 1, gradient
+checkpointing), where they need 20.7 GB (REFERENCE.md section 6).
+
+``--arch tiny`` trains the tiny CogVideoX-5b of `shared.zoo` on a store encoded with cogprep. ``--arch 5b``
+builds CogVideoX-5b at full size from its published configs (transformer, VAE, T5-XXL) with random weights drawn
+directly on the device in the weights' dtype, and trains on a store of random latents written with the store
+API, so nothing is downloaded and no VAE or T5 runs for cogtrain. ``--dry-run`` builds the model on the meta
+device, runs one training step there (shapes only, nothing allocated) and prints the parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from cogtune.preprocess.cli import app as cogprep_app
+from cogtune.preprocess.encode import encode_prompts
+from cogtune.shared import store as S
+from cogtune.shared.models import Model, open_model
+from cogtune.shared.variants import get_variant
+from cogtune.shared.video import write_video
+from cogtune.shared.zoo import make_tiny_model, scheduler_config, tiny_tokenizer
+from cogtune.train.config import TrainConfig
+from cogtune.train.math import TrainBatch, rotary_embeddings, training_step
+from cogtune.train.trainer import (
+    WEIGHT_DTYPES,
+    build_transformer,
+    check_run,
+    make_accelerator,
+    make_optimizer,
+    prepare,
+    release_accelerator,
+    step_generator,
+)
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+from diffusers.utils import logging as diffusers_logging
+from transformers import T5Config, T5EncoderModel
+from typer.testing import CliRunner
+
+VARIANTS = ("bare", "cogtrain", "baseline")
+TARGET_TIME = 1.05
+"""cogtrain's median step time over the bare loop's, at most."""
+TARGET_MEMORY = 1.10
+"""cogtrain's peak memory over the bare loop's, at most."""
+TARGET_5B_GB = 18.0
+"""cogtrain's peak reserved CUDA memory at the peers' setup, under (GB of 2^30 bytes, as torch counts)."""
+PEERS_5B_GB = 20.7
+"""finetrainers, CogVideoX-5b LoRA r128, 49x480x720, batch 1, gradient checkpointing (REFERENCE.md section 6)."""
+PEERS_SETUP = {"arch": "5b", "mode": "lora", "rank": 128, "frames": 49, "height": 480, "width": 720,
+               "batch_size": 1, "gradient_checkpointing": True}
+"""The setup PEERS_5B_GB was measured at: the absolute comparison is only printed for it."""
+DEFAULT_SHAPE = {"tiny": (33, 96, 144), "5b": (49, 480, 720)}  # tiny: a step long enough to outweigh timer noise
+"""(frames, height, width) in pixels when not given."""
+PROMPT = "a red circle moving left to right over a blue background"
+"""The caption of every clip, and the prompt the baseline encodes each step."""
+GB = 2**30
+MODEL, STORE = "model", "store"
+"""Folders of the work folder that the parent writes and every variant's process reads."""
+
+# CogVideoX-5b as published (THUDM/CogVideoX-5b, subfolders transformer/, vae/, text_encoder/): what the
+# configs set; every other key keeps the diffusers / transformers default, as in the release.
+TRANSFORMER_5B = dict(
+    num_attention_heads=48, attention_head_dim=64, num_layers=42, in_channels=16, out_channels=16,
+    text_embed_dim=4096, time_embed_dim=512, sample_frames=49, sample_height=60, sample_width=90, patch_size=2,
+    max_text_seq_length=226, use_rotary_positional_embeddings=True,
+)
+VAE_5B = dict(
+    block_out_channels=(128, 256, 256, 512), latent_channels=16, layers_per_block=3, norm_num_groups=32,
+    temporal_compression_ratio=4, sample_height=480, sample_width=720, scaling_factor=0.7,
+)
+T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False,
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    diffusers_logging.set_verbosity_error()  # e.g. the warning on casting a model built on the meta device
+    if args.child:
+        run_child(args)
+        return
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: no CUDA device is visible")
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.dry_run:
+            print(json.dumps(dry_run(args, work), indent=2))
+            return
+        results = run_rounds(args, argv, work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=("tiny", "5b"), default="tiny",
+                        help="tiny: the tiny CogVideoX-5b of shared.zoo; 5b: the real size, random weights")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--mode", choices=("lora", "sft"), default="lora")
+    parser.add_argument("--rank", type=int, default=128, help="LoRA rank (default 128)")
+    parser.add_argument("--frames", type=int, help="pixel frames, 8N+1 (default: tiny 33, 5b 49)")
+    parser.add_argument("--height", type=int, help="pixel height, a multiple of 16 (default: tiny 96, 5b 480)")
+    parser.add_argument("--width", type=int, help="pixel width, a multiple of 16 (default: tiny 144, 5b 720)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per variant and round (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps before them (default 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="times each variant runs, interleaved, each in a fresh process (default 2)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    parser.add_argument("--caption-dropout", type=float, default=0.1, help="cogtrain's caption dropout (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads with --device cpu (default 1: steadier timings on a shared machine)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--work", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device, run one step there, print the counts; no timing")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    frames, height, width = DEFAULT_SHAPE[args.arch]
+    args.frames, args.height, args.width = args.frames or frames, args.height or height, args.width or width
+    if (args.frames - 1) % 8 or args.height % 16 or args.width % 16:
+        parser.error(f"{args.frames}x{args.height}x{args.width}: frames must be 8N+1, height and width multiples of 16")
+    if min(args.steps, args.rounds, args.batch_size, args.rank, args.threads) < 1 or args.warmup < 0:
+        parser.error("--steps, --rounds, --batch-size, --rank and --threads must be at least 1, --warmup at least 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model: a tiny one with weights, or CogVideoX-5b's configs with random weights drawn on the device
+
+
+@dataclass
+class RandomWeightsModel(Model):
+    """A model folder of configs only; each load builds the component on the meta device, then draws its
+    weights directly on `device` in the dtype asked for: no checkpoint read, no float32 copy on the host.
+
+    With `device` "meta" nothing is allocated (`--dry-run`). Each component draws from its own seed, so every
+    subprocess of a benchmark builds the same weights.
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+
+    def load_transformer(self, dtype: torch.dtype = torch.float32):
+        with torch.device("meta"):
+            transformer = CogVideoXTransformer3DModel.from_config(self.config("transformer"))
+        return materialize(transformer, self.device, dtype, self.seed)
+
+    def load_vae(self, dtype: torch.dtype = torch.float32):
+        with torch.device("meta"):
+            vae = AutoencoderKLCogVideoX.from_config(self.config("vae"))
+        return materialize(vae, self.device, dtype, self.seed + 1).eval()
+
+    def load_text_encoder(self, dtype: torch.dtype = torch.float32):
+        with torch.device("meta"):
+            text_encoder = T5EncoderModel(T5Config.from_dict(self.config("text_encoder")))
+        return materialize(text_encoder, self.device, dtype, self.seed + 2).eval()
+
+
+def materialize(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """Give a meta-device `module` storage on `device` in `dtype` and random weights: matrices and kernels
+    N(0, 1/fan_in) (activations keep their scale through the layers), norm scales 1, biases 0."""
+    module.to(dtype)
+    if device == "meta":
+        return module
+    module.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.ndim >= 2:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5, generator=generator)
+            else:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+    return module
+
+
+def write_5b_model(folder: Path) -> Path:
+    """CogVideoX-5b as a diffusers folder of configs only (no weights): what check_run and the loaders read.
+
+    The tokenizer is the tiny one (offline): the baseline's T5 still runs on the 226 padded tokens the real
+    one gives, so its cost is the same.
+    """
+    v = get_variant("5b")
+    with torch.device("meta"):
+        CogVideoXTransformer3DModel.from_config(TRANSFORMER_5B).save_config(folder / "transformer")
+        AutoencoderKLCogVideoX.from_config(VAE_5B).save_config(folder / "vae")
+    T5Config(**T5_XXL).save_pretrained(folder / "text_encoder")
+    tiny_tokenizer().save_pretrained(folder / "tokenizer")
+    CogVideoXDDIMScheduler(**scheduler_config(v)).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": v.pipeline_class,
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def bench_model(args: argparse.Namespace, path: Path, device: str) -> Model:
+    """The model every variant loads: the tiny folder's own weights, or 5b's random ones drawn on `device`."""
+    model = open_model(path)
+    if args.arch == "tiny" and device != "meta":
+        return model
+    return RandomWeightsModel(path=model.path, source=model.source, device=device, seed=args.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the store: cogprep's encode of synthetic clips (tiny), or random latents of the right shape (5b)
+
+
+def latent_shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(frames, height, width) of the latents: the VAE compresses 4x in time (8N+1 -> 2N+1), 8x in space."""
+    return (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+
+
+def samples_in_store(args: argparse.Namespace) -> int:
+    """Two full batches: the loader moves on to another batch, and no partial batch changes the shape."""
+    return 2 * args.batch_size
+
+
+def encode_tiny_store(args: argparse.Namespace, model: Path, store: Path) -> None:
+    """`cogprep encode` (the CLI, in this process) of synthetic clips of exactly the benchmark's size."""
+    dataset = store.with_name("clips")
+    count = samples_in_store(args)
+    y, x = np.mgrid[0 : args.height, 0 : args.width]
+    for i in range(count):
+        gradient = np.stack([x / args.width, y / args.height, np.full(x.shape, i / count)], -1) * 200
+        video = np.repeat(gradient[None], args.frames, 0)
+        side = args.height // 4
+        for t in range(args.frames):  # a square crossing the frame
+            left = (args.width - side) * t // (args.frames - 1)
+            video[t, args.height // 3 : args.height // 3 + side, left : left + side] = (240, 60, 30)
+        write_video(dataset / "videos" / f"clip_{i}.mp4", video.astype(np.uint8), fps=8)
+    (dataset / "videos.txt").write_text("".join(f"videos/clip_{i}.mp4\n" for i in range(count)))
+    (dataset / "prompts.txt").write_text(f"{PROMPT}\n" * count)
+    argv = ["encode", dataset, "--model", model, "--out", store, "--device", "cpu", "--workers", "0",
+            "--resolution", f"{args.frames}x{args.height}x{args.width}", "--no-progress"]
+    result = CliRunner().invoke(cogprep_app, [str(a) for a in argv])
+    if result.exit_code != 0:
+        raise RuntimeError(f"cogprep encode failed (exit {result.exit_code}): {result.output}")
+
+
+def write_random_store(args: argparse.Namespace, model: Path, store: Path) -> None:
+    """A store of random bfloat16 posteriors and embeddings of the model's real shapes, written with the store
+    API and recorded as made with `model`, so cogtrain's start-up checks accept it as they would an encode."""
+    opened = open_model(model)
+    transformer = opened.config("transformer")
+    channels, text = transformer["out_channels"], (transformer["max_text_seq_length"], transformer["text_embed_dim"])
+    bucket = f"{args.frames}x{args.height}x{args.width}"
+    generator = torch.Generator().manual_seed(args.seed)
+    videos, texts = S.ShardWriter(store, bucket, prefix="bench"), S.ShardWriter(store, S.TEXT_BUCKET, prefix="bench")
+    rows = []
+    for i in range(samples_in_store(args)):
+        shape = (channels, *latent_shape(args))
+        latent = {name: torch.randn(shape, generator=generator).bfloat16() for name in ("mean", "logvar")}
+        embedding = torch.randn(text, generator=generator).bfloat16()
+        video_key, text_key = f"{i:016x}{0:016x}", f"{i:016x}{1:016x}"
+        video = videos.add(video_key, {S.LATENT: S.tensors_to_bytes(latent), S.META: b"{}"})
+        caption = texts.add(text_key, {S.TEXT: S.tensors_to_bytes({"embedding": embedding}), S.META: b"{}"})
+        rows.append({
+            "key": f"{i:032x}", "source": f"random/{i}", "kind": "video", "bucket": bucket, "frames": args.frames,
+            "height": args.height, "width": args.width, "caption": PROMPT, "clip_start": 0, "clip_step": 1.0,
+            "source_size": 0, "source_mtime_ns": 0, "source_hash": "random", "video_key": video_key,
+            "text_key": text_key, "shard": video[S.LATENT].shard, "latent_offset": video[S.LATENT].offset,
+            "latent_size": video[S.LATENT].size, "image_offset": -1, "image_size": 0,
+            "text_shard": caption[S.TEXT].shard, "text_offset": caption[S.TEXT].offset,
+            "text_size": caption[S.TEXT].size, "text_tokens": text[0],
+        })
+    videos.close()
+    texts.close()
+    S.write_index(store, rows)
+    S.write_extras(store, {"empty_embedding": torch.randn(text, generator=generator).bfloat16()})
+    S.Manifest(
+        model={"source": str(model), "variant": opened.variant.name,
+               "configs": opened.config_fingerprint(("vae", "text_encoder"))},
+        settings={"noise_variants": 0},
+        dataset={},  # no dataset path: cogtrain has nothing to check for staleness
+        buckets=[{"name": bucket, "frames": args.frames, "height": args.height, "width": args.width,
+                  "batch_size": args.batch_size, "samples": len(rows)}],
+    ).save(store)
+
+
+def make_model_folder(args: argparse.Namespace, work: Path) -> Path:
+    """work/model: the tiny CogVideoX-5b with its weights, or CogVideoX-5b's configs."""
+    if args.arch == "tiny":
+        return make_tiny_model("5b", work / MODEL, seed=args.seed)
+    return write_5b_model(work / MODEL)
+
+
+def train_config(args: argparse.Namespace, model: Path, store: Path, out: Path) -> TrainConfig:
+    """The cogtrain run every variant mirrors (the bare loop and the baseline take its model settings)."""
+    return TrainConfig(
+        store=store, model=str(model), out=out, mode=args.mode, rank=args.rank, batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, caption_dropout=args.caption_dropout, seed=args.seed,
+        report_to="none", progress=False, device=args.device,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the parent: assets once, then every variant in its own process, round after round
+
+
+def run_rounds(args: argparse.Namespace, argv: list[str], work: Path) -> dict[str, Any]:
+    started = time.time()
+    model = make_model_folder(args, work)
+    write_store = encode_tiny_store if args.arch == "tiny" else write_random_store
+    write_store(args, model, work / STORE)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    for round_number in range(args.rounds):
+        for name in VARIANTS:
+            result = run_variant(argv, name, work, round_number)
+            runs[name].append(result)
+            done = f"{statistics.median(result['step_s']):.4f} s/step" if "step_s" in result else result["skipped"]
+            print(f"round {round_number + 1}/{args.rounds} {name}: {done}", file=sys.stderr, flush=True)
+    return summarize(args, runs, time.time() - started)
+
+
+def run_variant(argv: list[str], name: str, work: Path, round_number: int) -> dict[str, Any]:
+    """One variant in a fresh Python process; its result, or why it has none."""
+    result = work / f"{name}-{round_number}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--work", str(work), "--child", name,
+               "--result", str(result)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not result.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"skipped": f"exit {done.returncode}: {tail[0]}"}
+    return json.loads(result.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the child: one variant, measured
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """Build one variant, take --warmup then --steps steps, write times and peak memory to --result."""
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    host_start = reset_host_peak()  # after every import: code loaded by all variants alike is not counted
+    config = train_config(args, args.work / MODEL, args.work / STORE, args.work / "runs" / args.result.stem)
+    try:
+        step, close = SETUPS[args.child](args, config, device)
+        try:
+            times, cpu_times, loss = measure(step, args.warmup, args.steps, device)
+        finally:
+            close()
+    except torch.OutOfMemoryError as e:
+        result = {"skipped": f"out of memory: {str(e).splitlines()[0]}"}
+    else:
+        result = {"step_s": times, "cpu_s": cpu_times, "final_loss": loss,
+                  "memory": peak_memory(device, host_start)}
+    args.result.write_text(json.dumps(result))
+
+
+def measure(step: Callable[[int], Any], warmup: int, steps: int,
+            device: torch.device) -> tuple[list[float], list[float], float]:
+    """Wall seconds of each step after the warm-up ones (the device synchronised around each), the process's
+    CPU seconds of each (all its threads: steadier than wall time where other processes share the CPU), and
+    the last loss."""
+    times, cpu_times, loss = [], [], None
+    for number in range(1, warmup + steps + 1):
+        synchronize(device)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss = step(number)
+        synchronize(device)
+        if number > warmup:
+            times.append(time.perf_counter() - started)
+            cpu_times.append(time.process_time() - cpu_started)
+    return times, cpu_times, float(loss)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_host_peak() -> dict[str, int]:
+    """Reset the process's peak RSS to its current RSS (Linux clear_refs 5); returns /proc/self/status now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return proc_status()
+
+
+def proc_status() -> dict[str, int]:
+    """The memory fields of /proc/self/status, in bytes (VmRSS, VmHWM, RssAnon, RssFile, RssShmem, ...)."""
+    fields = (line.split() for line in Path("/proc/self/status").read_text().splitlines())
+    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in fields if len(f) == 3 and f[2] == "kB"}
+
+
+def peak_memory(device: torch.device, start: dict[str, int]) -> dict[str, int]:
+    """Peak bytes since `start`. Host: the growth of peak RSS, and of its anonymous part: peak RSS less the
+    file-backed and shared pages held at the end (library code a variant touched for the first time is not
+    training memory; file pages only accumulate, so this errs low by at most those first touched after the
+    peak). CUDA: the allocator's peaks over the whole process, weights included."""
+    end = proc_status()
+    memory = {
+        "host_peak_growth": end["VmHWM"] - start["VmRSS"],
+        "host_peak_anon_growth": end["VmHWM"] - end["RssFile"] - end["RssShmem"] - start["RssAnon"],
+    }
+    if device.type == "cuda":
+        memory["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
+        memory["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
+    return memory
+
+
+def transformer_and_optimizer(config: TrainConfig, model: Model, device: torch.device):
+    """The transformer exactly as cogtrain builds it (LoRA or not, dtypes, checkpointing, seed) on `device`,
+    its forward autocast as accelerate's mixed precision does it, and cogtrain's optimizer over it."""
+    set_seed(config.seed)
+    transformer = build_transformer(config, model).to(device)
+    if config.mixed_precision != "no":
+        transformer.forward = torch.autocast(device.type, dtype=WEIGHT_DTYPES[config.mixed_precision])(
+            transformer.forward)
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    return transformer, trained, make_optimizer(config, trained)
+
+
+def embed_dtype(config: TrainConfig) -> torch.dtype:
+    """What cogtrain feeds the transformer (its `prepare`): the frozen weights' dtype for LoRA, else float32."""
+    return WEIGHT_DTYPES[config.mixed_precision] if config.mode == "lora" else torch.float32
+
+
+def setup_bare(args: argparse.Namespace, config: TrainConfig, device: torch.device):
+    """The bare loop: fixed inputs already on the device, forward + MSE + backward + optimizer step."""
+    model = bench_model(args, args.work / MODEL, str(device))
+    transformer, _, optimizer = transformer_and_optimizer(config, model, device)
+    frames, height, width = latent_shape(args)
+    tc = transformer.config
+    generator = torch.Generator().manual_seed(config.seed)
+    latents = (args.batch_size, frames, tc.out_channels, height, width)
+    hidden = torch.randn(latents, generator=generator).to(device, embed_dtype(config))
+    text = torch.randn((args.batch_size, tc.max_text_seq_length, tc.text_embed_dim), generator=generator)
+    text = text.to(device, embed_dtype(config))
+    target = torch.randn(latents, generator=generator).to(device)
+    timesteps = torch.randint(0, model.load_scheduler().config.num_train_timesteps, (args.batch_size,),
+                              generator=generator).to(device)
+    rotary = rotary_embeddings(tc, height, width, frames, device)
+
+    def step(_: int) -> torch.Tensor:
+        prediction = transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=timesteps,
+                                 image_rotary_emb=rotary, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, lambda: None
+
+
+def setup_cogtrain(args: argparse.Namespace, config: TrainConfig, device: torch.device):
+    """cogtrain's step as a run takes it: start-up checks, accelerate, `prepare`, the store loader."""
+    inputs = check_run(config)
+    inputs = replace(inputs, model=bench_model(args, inputs.model.path, str(device)))
+    accelerator = make_accelerator(config)
+    stepper, loader, _ = prepare(config, inputs, accelerator)
+    batches = iter(loader)
+
+    def close() -> None:
+        batches.close()
+        release_accelerator(accelerator)
+
+    return lambda number: stepper.step(number, batches)[0]["loss"], close
+
+
+def setup_baseline(args: argparse.Namespace, config: TrainConfig, device: torch.device):
+    """The peers' step without a cache: VAE.encode of the clip and T5 on its prompt, then the training step
+    (the same math as cogtrain's, `training_step`), clipping and the optimizer step.
+
+    The VAE and T5 run as cogprep runs them: bfloat16 on CUDA, float32 on the CPU.
+    """
+    model = bench_model(args, args.work / MODEL, str(device))
+    transformer, trained, optimizer = transformer_and_optimizer(config, model, device)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vae = model.load_vae(compute).to(device)
+    text_encoder, tokenizer = model.load_text_encoder(compute).to(device), model.load_tokenizer()
+    scheduler, vae_config = model.load_scheduler(), model.config("vae")
+    generator = torch.Generator().manual_seed(config.seed)
+    pixels = torch.rand((args.batch_size, 3, args.frames, args.height, args.width), generator=generator) * 2 - 1
+    pixels = pixels.to(device, compute)
+
+    def step(number: int) -> torch.Tensor:
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+        embeddings, _ = encode_prompts(tokenizer, text_encoder, [PROMPT] * args.batch_size,
+                                       transformer.config.max_text_seq_length, device)
+        batch = TrainBatch(latent_mean=posterior.mean, latent_logvar=posterior.logvar,
+                           prompt_embeds=torch.stack(embeddings).to(device, embed_dtype(config)))
+        loss = training_step(transformer, scheduler, batch, vae_scaling_factor=vae_config["scaling_factor"],
+                             invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)),
+                             generator=step_generator(config.seed, 0, number, device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, lambda: None
+
+
+SETUPS = {"bare": setup_bare, "cogtrain": setup_cogtrain, "baseline": setup_baseline}
+"""Each builds its variant in this process; returns (step(number) -> loss, close())."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --dry-run
+
+
+def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Build the model on the meta device as cogtrain would (LoRA, dtypes, checkpointing) and run one training
+    step at the benchmark's shape there: the configs and shapes are checked, nothing is allocated."""
+    folder = make_model_folder(args, work)
+    model = bench_model(args, folder, "meta")
+    config = train_config(args, folder, work / STORE, work / "run")
+    transformer = build_transformer(config, model)
+    vae, text_encoder = model.load_vae(torch.bfloat16), model.load_text_encoder(torch.bfloat16)
+    frames, height, width = latent_shape(args)
+    tc = transformer.config
+    latents = (args.batch_size, tc.out_channels, frames, height, width)
+    text = (args.batch_size, tc.max_text_seq_length, tc.text_embed_dim)
+    batch = TrainBatch(latent_mean=torch.empty(latents, device="meta"),
+                       latent_logvar=torch.empty(latents, device="meta"),
+                       prompt_embeds=torch.empty(text, device="meta", dtype=embed_dtype(config)))
+    loss = training_step(transformer, model.load_scheduler(), batch,
+                         vae_scaling_factor=model.config("vae")["scaling_factor"], invert_scale_latents=False)
+    loss.backward()
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+    weights_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    grads = [p for p in trained if p.grad is not None]
+    return {
+        "arch": args.arch,
+        "variant": model.variant.name,
+        "shape": f"{args.frames}x{args.height}x{args.width}",
+        "latents": list(latents),
+        "tokens": frames * (height // tc.patch_size) * (width // tc.patch_size) + tc.max_text_seq_length,
+        "transformer_parameters": sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n),
+        "trained_parameters": sum(p.numel() for p in trained),
+        "parameters_with_grad_after_backward": sum(p.numel() for p in grads),
+        "vae_parameters": sum(p.numel() for p in vae.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
+        "static_memory_gb": {
+            "weights_frozen_and_trained": round(weights_bytes / GB, 3),
+            "gradients": round(trained_bytes / GB, 3),
+            "adamw_states": round(2 * trained_bytes / GB, 3),
+            "total_before_activations": round((weights_bytes + 3 * trained_bytes) / GB, 3),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results
+
+
+def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
+    """Per variant: step-time statistics over every measured step of every round, the median peak memory,
+    ratios to the bare loop, and the verdicts against the targets."""
+    memory_key = "cuda_max_allocated" if args.device == "cuda" else "host_peak_anon_growth"
+    variants: dict[str, dict[str, Any]] = {}
+    for name, results in runs.items():
+        measured = [r for r in results if "step_s" in r]
+        if not measured:
+            variants[name] = {"skipped": results[0]["skipped"]}
+            continue
+        times = [t for r in measured for t in r["step_s"]]
+        memory = {key: int(statistics.median(r["memory"][key] for r in measured)) for key in measured[0]["memory"]}
+        variants[name] = {
+            "median_s": statistics.median(times),
+            "mean_s": statistics.mean(times),
+            "min_s": min(times),
+            "median_cpu_s": statistics.median(t for r in measured for t in r["cpu_s"]),
+            "round_medians_s": [statistics.median(r["step_s"]) for r in measured],
+            "steps": len(times),
+            "peak_memory_bytes": memory,
+            "final_losses": [r["final_loss"] for r in measured],
+        }
+        if len(measured) < len(results):
+            variants[name]["rounds_failed"] = [r["skipped"] for r in results if "skipped" in r]
+    bare = variants["bare"]
+    for name, v in variants.items():
+        if "skipped" not in v and "skipped" not in bare:
+            v["time_ratio"] = v["median_s"] / bare["median_s"]
+            v["cpu_time_ratio"] = v["median_cpu_s"] / bare["median_cpu_s"]
+            v["memory_ratio"] = v["peak_memory_bytes"][memory_key] / bare["peak_memory_bytes"][memory_key]
+    cogtrain = variants["cogtrain"]
+    verdicts = {}
+    if "time_ratio" in cogtrain:
+        verdicts["time"] = cogtrain["time_ratio"] <= TARGET_TIME
+        verdicts["memory"] = cogtrain["memory_ratio"] <= TARGET_MEMORY
+    if args.arch == "5b" and args.device == "cuda" and "skipped" not in cogtrain:
+        verdicts["under_18_gb"] = cogtrain["peak_memory_bytes"]["cuda_max_reserved"] / GB < TARGET_5B_GB
+    return {
+        "settings": {
+            **{key: getattr(args, key) for key in ("arch", "device", "mode", "rank", "frames", "height", "width",
+                                                   "batch_size", "gradient_checkpointing", "mixed_precision",
+                                                   "caption_dropout", "seed", "steps", "warmup", "rounds")},
+            "latents": list(latent_shape(args)),
+            "threads": args.threads if args.device == "cpu" else None,
+        },
+        "machine": {
+            "torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        },
+        "memory_measure": memory_key,
+        "variants": variants,
+        "targets": {"time_ratio": TARGET_TIME, "memory_ratio": TARGET_MEMORY, "cuda_5b_gb": TARGET_5B_GB,
+                    "peers_5b_gb": PEERS_5B_GB},
+        "pass": verdicts,
+        "peers_setup": all(getattr(args, key) == value for key, value in PEERS_SETUP.items()),
+        "bench_seconds": round(seconds, 1),
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    s, key = results["settings"], results["memory_measure"]
+    model = "tiny CogVideoX-5b (shared.zoo)" if s["arch"] == "tiny" else "CogVideoX-5b (random weights)"
+    adapter = f"LoRA r{s['rank']}" if s["mode"] == "lora" else "full fine-tune"
+    threads = f" ({s['threads']} torch thread{'s' if s['threads'] > 1 else ''})" if s["threads"] else ""
+    print(f"cogtrain step benchmark: {model}, {adapter}, {s['frames']}x{s['height']}x{s['width']} "
+          f"(latents {'x'.join(map(str, s['latents']))}), batch {s['batch_size']}, {s['mixed_precision']}, "
+          f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['device']}{threads}; "
+          f"{s['steps']} steps x {s['rounds']} rounds after {s['warmup']} warm-up; "
+          f"load average {results['machine']['load_average_1min']} on {results['machine']['cpu_cores']} cores")
+    memory = "CUDA max allocated" if key == "cuda_max_allocated" else "peak anon RSS growth"
+    print(f"{'variant':<9} {'median s':>9} {'mean s':>8} {'min s':>8} {'x bare':>7} {'CPU s':>8} {'x bare':>7} "
+          f"{memory:>21} {'x bare':>7}")
+    for name, v in results["variants"].items():
+        if "skipped" in v:
+            print(f"{name:<9} skipped: {v['skipped']}")
+            continue
+        time_ratio, cpu_ratio, memory_ratio = (v.get(k, math.nan) for k in ("time_ratio", "cpu_time_ratio",
+                                                                            "memory_ratio"))
+        print(f"{name:<9} {v['median_s']:>9.4f} {v['mean_s']:>8.4f} {v['min_s']:>8.4f} {time_ratio:>7.3f} "
+              f"{v['median_cpu_s']:>8.4f} {cpu_ratio:>7.3f} {human(v['peak_memory_bytes'][key]):>21} "
+              f"{memory_ratio:>7.3f}")
+    verdicts, cogtrain = results["pass"], results["variants"]["cogtrain"]
+    if "time" in verdicts:
+        print(f"cogtrain vs bare: median step time {cogtrain['time_ratio']:.3f}x (target <= {TARGET_TIME}): "
+              f"{'PASS' if verdicts['time'] else 'FAIL'}; peak memory {cogtrain['memory_ratio']:.3f}x "
+              f"(target <= {TARGET_MEMORY}): {'PASS' if verdicts['memory'] else 'FAIL'}")
+    if "under_18_gb" in verdicts:
+        peaks = cogtrain["peak_memory_bytes"]
+        line = (f"cogtrain 5b: {peaks['cuda_max_allocated'] / GB:.2f} GB allocated, "
+                f"{peaks['cuda_max_reserved'] / GB:.2f} GB reserved (target < {TARGET_5B_GB} GB reserved): "
+                f"{'PASS' if verdicts['under_18_gb'] else 'FAIL'}")
+        if results["peers_setup"]:
+            line += f"; the peers need {PEERS_5B_GB} GB at this setup (finetrainers, REFERENCE.md section 6)"
+        print(line)
+
+
+def human(n: float) -> str:
+    return f"{n / GB:.2f} GB" if abs(n) >= GB else f"{n / 2**20:.1f} MB"
+
+
+if __name__ == "__main__":
+    main()
