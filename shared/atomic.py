@@ -45,6 +45,7 @@ def atomic_write_text(final: Path, text: str) -> None:
 
 
 def fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable (a no-op where the OS cannot open folders)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.variants import VARIANTS
 from cogtune.shared.zoo import make_tiny_model
 
@@ -31,3 +32,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=ALL_VARIANTS)
 def variant_slug(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def demo_txt(tmp_path_factory) -> Path:
+    """A 5-clip demo dataset in the txt layout, shared read-only (copy it before editing)."""
+    path = tmp_path_factory.mktemp("demo") / "txt"
+    make_demo_dataset(path, count=5, seed=1, layout="txt")
+    return path

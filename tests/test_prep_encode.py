@@ -22,13 +22,6 @@ from prep_helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def demo_txt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "txt"
-    make_demo_dataset(path, count=5, seed=1, layout="txt")
-    return path
-
-
 @pytest.fixture
 def dataset(demo_txt, tmp_path):
     """A private copy of the demo dataset that a test may edit."""

@@ -13,7 +13,6 @@ from cogtune.preprocess import maintain as M
 from cogtune.preprocess.datasets import read_dataset
 from cogtune.preprocess.frames import ClipWindow, resize_to_bucket
 from cogtune.shared import store as S
-from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.models import open_model
 from cogtune.shared.video import read_frames, write_video
 from PIL import Image
@@ -26,13 +25,6 @@ from prep_helpers import (
     write_lines,
 )
 from store_builder import build_random_store
-
-
-@pytest.fixture(scope="module")
-def demo_txt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "txt"
-    make_demo_dataset(path, count=5, seed=1, layout="txt")
-    return path
 
 
 def encode_9_frames(dataset, model, store):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..shared.atomic import atomic_write_text
+from ..shared.atomic import atomic_write_text, fsync_dir
 from ..shared.variants import Variant, get_variant
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -98,7 +98,7 @@ def save_lora(
         )
         _finish_file(staging / LORA_WEIGHT_NAME)
         os.replace(staging / LORA_WEIGHT_NAME, final)
-        _fsync_folder(out_dir)
+        fsync_dir(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -165,7 +165,7 @@ def _replace_folder(new: Path, final: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
         os.replace(final, old / final.name)
     os.replace(new, final)
-    _fsync_folder(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -309,17 +309,3 @@ def _finish_file(path: Path) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make renames in `folder` durable (a no-op where the OS cannot open folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

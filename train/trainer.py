@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..preprocess.plan import plan_against_store
 from ..shared import store as S
-from ..shared.atomic import atomic_write_text
+from ..shared.atomic import atomic_write_text, fsync_dir
 from ..shared.errors import CogtuneError
 from ..shared.models import Model, open_model
 from .config import TrainConfig
@@ -347,7 +347,7 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
             os.replace(final, replaced)
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
-        _fsync_folder(final.parent)
+        fsync_dir(final.parent)
         if keep > 0:
             for old in complete_checkpoints(run)[:-keep]:
                 shutil.rmtree(old)
@@ -654,12 +654,3 @@ def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Pa
         print(f"  {checkpoints[-1]}  (resume with --resume latest)")
     if digests is not None and len(set(digests)) > 1:
         print("warning: the ranks ended with different weights (see summary.json)", file=sys.stderr)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
