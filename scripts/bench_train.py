@@ -60,12 +60,12 @@ from cogtune.shared.models import Model, open_model
 from cogtune.shared.variants import get_variant
 from cogtune.shared.video import write_video
 from cogtune.shared.zoo import make_tiny_model, scheduler_config, tiny_tokenizer
+from cogtune.train.checks import check_run
 from cogtune.train.config import TrainConfig
 from cogtune.train.math import TrainBatch, rotary_embeddings, training_step
 from cogtune.train.trainer import (
     WEIGHT_DTYPES,
     build_transformer,
-    check_run,
     make_accelerator,
     make_optimizer,
     prepare,

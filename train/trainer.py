@@ -1,4 +1,5 @@
-"""cogtrain's run: start-up checks, the accelerate training loop, atomic checkpoints, exact resume, outputs.
+"""cogtrain's run: the accelerate training loop and its outputs (start-up checks: `train.checks`; checkpoints and
+exact resume: `train.checkpoints`).
 
 A run folder (``--out``) holds::
 
@@ -25,12 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +36,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..preprocess.plan import plan_against_store
 from ..shared import store as S
-from ..shared.atomic import atomic_write_text, fsync_dir
-from ..shared.errors import CogtuneError
-from ..shared.models import Model, open_model
+from ..shared.atomic import atomic_write_text
+from ..shared.models import Model
+from .checkpoints import complete_checkpoints, register_lora_checkpoint_hook, resume, save_checkpoint
+from .checks import RunInputs, check_run
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .math import TrainBatch, drop_captions, training_step
 from .state import (
-    TRAIN_STATE_JSON,
     RngStates,
-    TrainState,
-    load_checkpoint_dir,
-    save_checkpoint_dir,
 )
 
-TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
-"""What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_PREFIX = "step-"
 LOSSES = "losses.jsonl"
 SUMMARY = "summary.json"
 LOGS = "logs"
@@ -65,12 +55,6 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 """Dtype of the frozen weights per --mixed-precision (trained weights are always float32)."""
 OUTPUT_KIND = {"lora": "lora", "sft": "full"}
 """What train.outputs calls each --mode's output."""
-OPTIONAL_PACKAGES = {
-    ("optimizer", "adamw8bit"): ("bitsandbytes", "bnb"),
-    ("optimizer", "prodigy"): ("prodigyopt", "prodigy"),
-    ("report_to", "wandb"): ("wandb", "wandb"),
-}
-"""(option, value) -> (module it needs, cogtune extra that installs it)."""
 
 
 @dataclass
@@ -87,126 +71,6 @@ class TrainResult:
     """Trained weights and model card (rank 0; empty on other ranks)."""
     seconds: float = 0.0
     """Wall time of this invocation."""
-
-
-@dataclass
-class RunInputs:
-    """What the start-up checks found: the store's manifest, the model, and the checkpoint to resume from."""
-
-    manifest: S.Manifest
-    model: Model
-    resume_from: Path | None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# start-up checks: each raises CogtuneError before anything is written in RUN
-
-
-def check_run(config: TrainConfig) -> RunInputs:
-    """Every refusal a run can meet before training; returns what the run needs."""
-    config.validate()
-    check_optional_packages(config)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise CogtuneError("--device cuda: no CUDA device is visible")
-    manifest = S.Manifest.load(config.store)
-    model = open_model(config.model, TRAIN_COMPONENTS)
-    check_model_matches_store(model, manifest, config.store)
-    check_native_size(model, manifest, config.store)
-    if not config.allow_stale:
-        check_dataset_current(config, manifest)
-    return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
-
-
-def check_optional_packages(config: TrainConfig) -> None:
-    for (option, value), (module, extra) in OPTIONAL_PACKAGES.items():
-        if getattr(config, option) == value and find_spec(module) is None:
-            flag = option.replace("_", "-")
-            raise CogtuneError(f"--{flag} {value} needs the {module} package: pip install 'cogtune[{extra}]'")
-
-
-def check_model_matches_store(model: Model, manifest: S.Manifest, store: Path) -> None:
-    """The cached latents and embeddings are only valid for the VAE and T5 they were made with.
-
-    Compares the variant and the VAE and text-encoder configs (cheap: no weights read, and no T5 needed here).
-    """
-    recorded = manifest.model
-    configs = model.config_fingerprint(("vae", "text_encoder"))
-    differing = [name for name, digest in configs.items() if recorded.get("configs", {}).get(name) != digest]
-    if recorded.get("variant") == model.variant.name and not differing:
-        return
-    what = (
-        f"variant {recorded.get('variant')}, this model is {model.variant.name}"
-        if recorded.get("variant") != model.variant.name
-        else f"its {' and '.join(name.replace('_', ' ') for name in differing)} config differs"
-    )
-    raise CogtuneError(
-        f"{store}: store made with another model ({recorded.get('source')}: {what}): train with that model, "
-        f"or re-encode with cogprep encode --model {model.source}"
-    )
-
-
-def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
-    """A learned-positional-embedding model (5b-I2V) only runs at its native height x width, as in cogprep."""
-    if not model.variant.fixed_size:
-        return
-    _, height, width = model.native_size()
-    other = [b["name"] for b in manifest.buckets if (b["height"], b["width"]) != (height, width)]
-    if other:
-        raise CogtuneError(
-            f"{store}: bucket {', '.join(other)}: {model.variant.name} has learned positional embeddings that "
-            f"exist only at its native {height}x{width}; re-encode at that resolution"
-        )
-
-
-def check_dataset_current(config: TrainConfig, manifest: S.Manifest) -> None:
-    """Refuse to train on a store whose dataset has new, changed or removed clips since it was encoded."""
-    dataset = config.dataset or manifest.dataset.get("path")
-    if dataset is None:
-        return  # a store that records no dataset (built by hand) has nothing to be checked against
-    try:
-        changes = plan_against_store(Path(dataset), config.store).changes
-    except CogtuneError as e:
-        raise CogtuneError(f"cannot check the store against its dataset ({e}): pass --dataset, or --allow-stale") from None
-    counts = {kind: len(changes.get(kind, [])) for kind in ("new", "changed", "removed")}
-    if any(counts.values()):
-        raise CogtuneError(
-            f"dataset changed since the store was encoded ({counts['new']} new, {counts['changed']} changed, "
-            f"{counts['removed']} removed): run cogprep encode, or pass --allow-stale"
-        )
-
-
-def find_resume_checkpoint(config: TrainConfig) -> Path | None:
-    """The checkpoint `--resume` names; None for a fresh start. A used run folder needs --resume."""
-    if config.resume is None:
-        if config.out.exists() and any(config.out.iterdir()):
-            raise CogtuneError(
-                f"{config.out}: already holds a run: pass --resume latest to continue it, or choose another --out"
-            )
-        return None
-    if config.resume == "latest":
-        found = complete_checkpoints(config.out)
-        return found[-1] if found else None
-    path = Path(config.resume)
-    if not (path / TRAIN_STATE_JSON).is_file():
-        raise CogtuneError(f"{path}: not a cogtrain checkpoint (no {TRAIN_STATE_JSON})")
-    return path
-
-
-def complete_checkpoints(run: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (a half-written one is still a hidden .tmp folder)."""
-    folder = Path(run) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = [
-        p for p in folder.iterdir()
-        if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
-        and (p / TRAIN_STATE_JSON).is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# building the pieces
 
 
 def make_accelerator(config: TrainConfig):
@@ -301,87 +165,6 @@ def to_train_batch(batch: dict[str, torch.Tensor], device: torch.device, embed_d
 
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def checkpoint_keys(model: torch.nn.Module, mode: str) -> set[str]:
-    """What a checkpoint holds of the model: the LoRA weights only (the frozen rest is the model's), or all."""
-    if mode == "lora":
-        return {name for name, p in model.named_parameters() if p.requires_grad}
-    return set(model.state_dict())
-
-
-def checkpoint_shapes(model: torch.nn.Module, mode: str) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of what a checkpoint of `model` holds."""
-    keys = checkpoint_keys(model, mode)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name in keys}
-
-
-def register_lora_checkpoint_hook(accelerator, mode: str) -> None:
-    """Make accelerate's save_state write only the trained weights for LoRA (megabytes, not the 10 GB base)."""
-    if mode != "lora":
-        return
-
-    def keep_trained(models, weights, output_dir) -> None:
-        for model, state in zip(models, weights):
-            keep = checkpoint_keys(model, mode)
-            for key in [k for k in state if k not in keep]:
-                del state[key]
-
-    accelerator.register_save_state_pre_hook(keep_trained)
-
-
-def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-XXXXXX`` atomically: into ``.step-XXXXXX.tmp``, then one rename (rank 0)."""
-    final = Path(run) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        replaced = final.with_name(f".{final.name}.old")
-        if final.exists():  # the same step saved by an earlier attempt of this run
-            os.replace(final, replaced)
-        os.replace(tmp, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-        fsync_dir(final.parent)
-        if keep > 0:
-            for old in complete_checkpoints(run)[:-keep]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resume(accelerator, model: torch.nn.Module, loader: StoreLoader, checkpoint: Path, mode: str) -> int:
-    """Restore model, optimizer, lr schedule, data position and generators; returns the step to continue after."""
-    weights = checkpoint / "model.safetensors"
-    if weights.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        if saved != checkpoint_shapes(model, mode):
-            raise CogtuneError(
-                f"{checkpoint}: its weights do not fit this run (another --mode, --rank, --target-modules or "
-                f"number of processes): resume with the settings it was made with"
-            )
-    from accelerate.utils import DistributedType
-
-    # a LoRA checkpoint holds the adapter only (see register_lora_checkpoint_hook); DeepSpeed loads its own way
-    strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": mode == "sft"}
-    # weights_only: the optimizer, lr schedule and RNG files are torch.save'd; load them without unpickling code
-    accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True}, **strict)
-    state = load_checkpoint_dir(checkpoint, rank=accelerator.process_index)
-    loader.load_state_dict(state.sampler)
-    state.rng.restore()
-    return state.step
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the run
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -1,0 +1,136 @@
+"""cogtrain's checkpoints: written atomically (a temporary folder renamed into place), the last K kept, found
+again by `--resume latest|PATH`, and restored exactly: weights, optimizer and lr schedule through accelerate's
+state (loaded with weights_only), the data position and every generator state through `train.state`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..shared.atomic import fsync_dir
+from ..shared.errors import CogtuneError
+from .config import TrainConfig
+from .data import StoreLoader
+from .state import TRAIN_STATE_JSON, TrainState, load_checkpoint_dir, save_checkpoint_dir
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+
+
+def find_resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint `--resume` names; None for a fresh start. A used run folder needs --resume."""
+    if config.resume is None:
+        if config.out.exists() and any(config.out.iterdir()):
+            raise CogtuneError(
+                f"{config.out}: already holds a run: pass --resume latest to continue it, or choose another --out"
+            )
+        return None
+    if config.resume == "latest":
+        found = complete_checkpoints(config.out)
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not (path / TRAIN_STATE_JSON).is_file():
+        raise CogtuneError(f"{path}: not a cogtrain checkpoint (no {TRAIN_STATE_JSON})")
+    return path
+
+
+def complete_checkpoints(run: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (a half-written one is still a hidden .tmp folder)."""
+    folder = Path(run) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [
+        p for p in folder.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
+        and (p / TRAIN_STATE_JSON).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building the pieces
+
+
+def checkpoint_keys(model: torch.nn.Module, mode: str) -> set[str]:
+    """What a checkpoint holds of the model: the LoRA weights only (the frozen rest is the model's), or all."""
+    if mode == "lora":
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+    return set(model.state_dict())
+
+
+def checkpoint_shapes(model: torch.nn.Module, mode: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of what a checkpoint of `model` holds."""
+    keys = checkpoint_keys(model, mode)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name in keys}
+
+
+def register_lora_checkpoint_hook(accelerator, mode: str) -> None:
+    """Make accelerate's save_state write only the trained weights for LoRA (megabytes, not the 10 GB base)."""
+    if mode != "lora":
+        return
+
+    def keep_trained(models, weights, output_dir) -> None:
+        for model, state in zip(models, weights):
+            keep = checkpoint_keys(model, mode)
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+
+
+def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step-XXXXXX`` atomically: into ``.step-XXXXXX.tmp``, then one rename (rank 0)."""
+    final = Path(run) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replaced = final.with_name(f".{final.name}.old")
+        if final.exists():  # the same step saved by an earlier attempt of this run
+            os.replace(final, replaced)
+        os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        fsync_dir(final.parent)
+        if keep > 0:
+            for old in complete_checkpoints(run)[:-keep]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume(accelerator, model: torch.nn.Module, loader: StoreLoader, checkpoint: Path, mode: str) -> int:
+    """Restore model, optimizer, lr schedule, data position and generators; returns the step to continue after."""
+    weights = checkpoint / "model.safetensors"
+    if weights.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if saved != checkpoint_shapes(model, mode):
+            raise CogtuneError(
+                f"{checkpoint}: its weights do not fit this run (another --mode, --rank, --target-modules or "
+                f"number of processes): resume with the settings it was made with"
+            )
+    from accelerate.utils import DistributedType
+
+    # a LoRA checkpoint holds the adapter only (see register_lora_checkpoint_hook); DeepSpeed loads its own way
+    strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": mode == "sft"}
+    # weights_only: the optimizer, lr schedule and RNG files are torch.save'd; load them without unpickling code
+    accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True}, **strict)
+    state = load_checkpoint_dir(checkpoint, rank=accelerator.process_index)
+    loader.load_state_dict(state.sampler)
+    state.rng.restore()
+    return state.step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run

@@ -1,0 +1,110 @@
+"""cogtrain's start-up checks: every refusal a run can meet, each a one-line `CogtuneError` raised before
+anything is written in the run folder (another model's store, a stale dataset, a size the model cannot train at,
+a missing optional package, a run folder already in use)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from ..preprocess.plan import plan_against_store
+from ..shared import store as S
+from ..shared.errors import CogtuneError
+from ..shared.models import Model, open_model
+from .checkpoints import find_resume_checkpoint
+from .config import TrainConfig
+
+TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
+"""What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
+
+OPTIONAL_PACKAGES = {
+    ("optimizer", "adamw8bit"): ("bitsandbytes", "bnb"),
+    ("optimizer", "prodigy"): ("prodigyopt", "prodigy"),
+    ("report_to", "wandb"): ("wandb", "wandb"),
+}
+"""(option, value) -> (module it needs, cogtune extra that installs it)."""
+
+
+@dataclass
+class RunInputs:
+    """What the start-up checks found: the store's manifest, the model, and the checkpoint to resume from."""
+
+    manifest: S.Manifest
+    model: Model
+    resume_from: Path | None
+
+
+def check_run(config: TrainConfig) -> RunInputs:
+    """Every refusal a run can meet before training; returns what the run needs."""
+    config.validate()
+    check_optional_packages(config)
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise CogtuneError("--device cuda: no CUDA device is visible")
+    manifest = S.Manifest.load(config.store)
+    model = open_model(config.model, TRAIN_COMPONENTS)
+    check_model_matches_store(model, manifest, config.store)
+    check_native_size(model, manifest, config.store)
+    if not config.allow_stale:
+        check_dataset_current(config, manifest)
+    return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
+
+
+def check_optional_packages(config: TrainConfig) -> None:
+    for (option, value), (module, extra) in OPTIONAL_PACKAGES.items():
+        if getattr(config, option) == value and find_spec(module) is None:
+            flag = option.replace("_", "-")
+            raise CogtuneError(f"--{flag} {value} needs the {module} package: pip install 'cogtune[{extra}]'")
+
+
+def check_model_matches_store(model: Model, manifest: S.Manifest, store: Path) -> None:
+    """The cached latents and embeddings are only valid for the VAE and T5 they were made with.
+
+    Compares the variant and the VAE and text-encoder configs (cheap: no weights read, and no T5 needed here).
+    """
+    recorded = manifest.model
+    configs = model.config_fingerprint(("vae", "text_encoder"))
+    differing = [name for name, digest in configs.items() if recorded.get("configs", {}).get(name) != digest]
+    if recorded.get("variant") == model.variant.name and not differing:
+        return
+    what = (
+        f"variant {recorded.get('variant')}, this model is {model.variant.name}"
+        if recorded.get("variant") != model.variant.name
+        else f"its {' and '.join(name.replace('_', ' ') for name in differing)} config differs"
+    )
+    raise CogtuneError(
+        f"{store}: store made with another model ({recorded.get('source')}: {what}): train with that model, "
+        f"or re-encode with cogprep encode --model {model.source}"
+    )
+
+
+def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
+    """A learned-positional-embedding model (5b-I2V) only runs at its native height x width, as in cogprep."""
+    if not model.variant.fixed_size:
+        return
+    _, height, width = model.native_size()
+    other = [b["name"] for b in manifest.buckets if (b["height"], b["width"]) != (height, width)]
+    if other:
+        raise CogtuneError(
+            f"{store}: bucket {', '.join(other)}: {model.variant.name} has learned positional embeddings that "
+            f"exist only at its native {height}x{width}; re-encode at that resolution"
+        )
+
+
+def check_dataset_current(config: TrainConfig, manifest: S.Manifest) -> None:
+    """Refuse to train on a store whose dataset has new, changed or removed clips since it was encoded."""
+    dataset = config.dataset or manifest.dataset.get("path")
+    if dataset is None:
+        return  # a store that records no dataset (built by hand) has nothing to be checked against
+    try:
+        changes = plan_against_store(Path(dataset), config.store).changes
+    except CogtuneError as e:
+        raise CogtuneError(f"cannot check the store against its dataset ({e}): pass --dataset, or --allow-stale") from None
+    counts = {kind: len(changes.get(kind, [])) for kind in ("new", "changed", "removed")}
+    if any(counts.values()):
+        raise CogtuneError(
+            f"dataset changed since the store was encoded ({counts['new']} new, {counts['changed']} changed, "
+            f"{counts['removed']} removed): run cogprep encode, or pass --allow-stale"
+        )
