@@ -250,8 +250,7 @@ def stage_times(model_path: Path, data: Path, store: Path, empty: Path, workers:
         decoded[job.key] = item
     decode_s = time.perf_counter() - start
 
-    device = E._device("auto", 0)  # as the encode picks it, with the same compute dtype
-    compute = torch.float32 if device.type == "cpu" else torch.bfloat16
+    device, compute = E._compute_device(options, 0)  # as the encode picks them
     vae = model.load_vae(compute).to(device)
     tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute).to(device)
     captions = list(plan.text_jobs.values())
