@@ -60,7 +60,12 @@ def run_validation(
     net = unwrap_model(transformer)
     was_training = net.training
     vae = model.load_vae(dtype).to(device)
-    vae.enable_tiling()  # decoding a full-size video untiled takes more memory than the training step
+    _, frame_height, frame_width = size
+    if frame_height >= vae.config.sample_height and frame_width >= vae.config.sample_width:
+        # decoding a full-size video untiled takes more memory than the training step; frames smaller than the
+        # VAE's sample size (which its tiles are cut from) need no tiling, and would leave remainder tiles too
+        # small for the VAE's convolutions
+        vae.enable_tiling()
     pipe = model.pipeline_class()(
         tokenizer=None, text_encoder=None, vae=vae, transformer=net, scheduler=model.load_scheduler()
     )
