@@ -15,7 +15,7 @@ from ..shared.buckets import (
     check_buckets_for_model,
     load_bucket_spec,
 )
-from ..shared.cli import make_app
+from ..shared.cli import make_app, quiet_hub_progress_bars
 from ..shared.config import config_option
 from ..shared.errors import CogtuneError, exit_on_user_error
 from ..shared.fingerprint import FileHashes
@@ -85,6 +85,8 @@ def encode(
     config: Optional[Path] = config_option(),
 ) -> None:
     """Encode DATASET into the store OUT (only what is new or changed when OUT exists)."""
+    if not progress:
+        quiet_hub_progress_bars()
     m = open_model(model, PREP_COMPONENTS)
     spec = _bucket_spec(m, resolution, buckets)
     data = read_dataset(dataset, layout, caption_column=caption_column, video_column=video_column, id_token=id_token)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from .. import __version__
+
+
+def quiet_hub_progress_bars() -> None:
+    """--no-progress also silences transformers' and the hub's own bars ("Loading weights", downloads): both
+    read this switch when first imported, which the CLIs delay until a model is loaded."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def make_app(name: str, help: str) -> typer.Typer:

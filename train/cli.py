@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..shared.cli import make_app
+from ..shared.cli import make_app, quiet_hub_progress_bars
 from ..shared.config import config_option
 from ..shared.errors import exit_on_user_error
 from .config import TrainConfig, field_help, parse_target_modules
@@ -63,6 +63,8 @@ def run(**options: Any) -> None:
     from .trainer import train
 
     options.pop("config")
+    if not options["progress"]:
+        quiet_hub_progress_bars()
     train(TrainConfig(**options))
 
 
