@@ -118,7 +118,6 @@ def _print_summary(store: Path, result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-
     console = Console(stderr=False)
     rows = S.read_index(store)
     table = Table(title=f"cogprep: {store}")
@@ -305,7 +304,6 @@ def _table(title: str, columns: list[str]):
     for name in columns:
         table.add_column(name, justify="right" if name in NUMERIC_COLUMNS else "left", overflow="fold")
     return table
-
 
 
 def _write_preview(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]], out: Path, model: str | None,

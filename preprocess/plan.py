@@ -14,7 +14,6 @@ size) is remembered by content hash, so a no-op re-run opens no video. `cogprep 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,10 +295,6 @@ def _changes(old_rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> d
         "removed": sorted(s for s in old if s not in new),
         "unchanged": sorted(s for s in new if s in old and new[s] == old[s]),
     }
-
-
-def summarize_changes(plan: Plan) -> Counter:
-    return Counter({k: len(v) for k, v in plan.changes.items()})
 
 
 def _one_line(e: Exception, path: Path) -> str:

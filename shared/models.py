@@ -37,10 +37,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise CogtuneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @dataclass
 class Model:
     """A CogVideoX model folder in the diffusers layout, with its variant detected from its configs."""

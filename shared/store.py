@@ -336,8 +336,6 @@ def store_lock(store: Path) -> Iterator[None]:
         os.close(fd)
 
 
-
-
 MANIFEST_KEY = b"cogtune.manifest"
 
 

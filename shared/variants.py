@@ -52,11 +52,6 @@ class Variant:
     snr_shift_scale: float
 
     @property
-    def latent_frame_multiple(self) -> int:
-        """Latent frame counts must be a multiple of this (the temporal patch size)."""
-        return self.patch_size_t or 1
-
-    @property
     def fixed_size(self) -> bool:
         """True where only the native height x width works (learned positional embeddings)."""
         return self.positional == "learned"
