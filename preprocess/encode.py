@@ -15,7 +15,9 @@ import shutil
 import signal
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,6 +174,18 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info) ->
     failures: dict[str, str] = {}
     extras = None
     written = 0
+    packer = _Packer(writer)
+
+    def record(done: list[tuple[Any, dict[str, S.Location]]]) -> None:
+        nonlocal written
+        for (kind, key, tokens), locs in done:
+            if kind == "text":
+                new_texts[key] = [*_loc(locs[S.TEXT]), tokens]
+            else:
+                new_videos[key] = {m: _loc(loc) for m, loc in locs.items() if m != S.META}
+            written += 1
+            _test_kill(f"item:{written}")
+
     try:
         if my_texts or extras_stale:
             tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute).to(device)
@@ -181,13 +195,10 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info) ->
                 embeds, tokens = encode_prompts(tokenizer, text_encoder, [plan.text_jobs[k] for k in keys],
                                                 settings.text_length, device)
                 for key, emb, n in zip(keys, embeds, tokens):
-                    loc = writer(S.TEXT_BUCKET).add(key, {
-                        S.TEXT: S.tensors_to_bytes({"embedding": emb.to(storage)}),
+                    record(packer.put(S.TEXT_BUCKET, key, ("text", key, n), {
+                        S.TEXT: {"embedding": emb.to(storage)},
                         S.META: json.dumps({"caption": plan.text_jobs[key], "tokens": n}).encode(),
-                    })
-                    new_texts[key] = [*_loc(loc[S.TEXT]), n]
-                    written += 1
-                    _test_kill(f"item:{written}")
+                    }))
                 result.encoded_texts += len(keys)
             if extras_stale:
                 extras = _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, storage)
@@ -206,16 +217,15 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info) ->
                         raise CogtuneError(f"{decoded['error']} (--strict writes nothing)")
                     continue
                 members = encode_video_item(vae, decoded, job, settings, device, compute, storage)
-                locs = writer(job.bucket.name).add(job.key, members)
-                new_videos[job.key] = {m: _loc(l) for m, l in locs.items() if m != S.META}
-                written += 1
-                _test_kill(f"item:{written}")
+                record(packer.put(job.bucket.name, job.key, ("video", job.key, 0), members))
                 result.encoded_videos += 1
+        record(packer.finish())
         for w in writers.values():
             w.close()
         if extras is not None:
             S.write_extras(store, *extras)
     except BaseException:
+        packer.cancel()  # the packing thread stops before the shards it writes to are dropped
         for w in writers.values():
             w.abort()
         if options.strict:  # nothing of this run may remain
@@ -256,21 +266,21 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int
 
 
 def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSettings, device, compute, storage):
-    """The members of one video item: posterior mean and logvar of the clip, and the I2V image latents."""
+    """The members of one video item, tensors on the CPU (packed by `_Packer`): posterior mean and logvar of
+    the clip, and the I2V image latents."""
     import torch
 
     frames = decoded["frames"]  # uint8 [F, H, W, 3]
     x = frames.permute(3, 0, 1, 2).unsqueeze(0).to(device, compute) / 127.5 - 1.0
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
-    members = {
-        S.LATENT: S.tensors_to_bytes({"mean": posterior.mean[0].to(storage), "logvar": posterior.logvar[0].to(storage)}),
+    members: dict[str, Any] = {
+        S.LATENT: {"mean": posterior.mean[0].to(storage).cpu(), "logvar": posterior.logvar[0].to(storage).cpu()},
         S.META: json.dumps({"source": str(job.path), "bucket": job.bucket.name, "clip_start": job.window.start,
                             "clip_step": job.window.stride}).encode(),
     }
     if settings.image_noise_variants > 0:
-        members[S.IMAGE] = S.tensors_to_bytes(encode_image_variants(vae, decoded["image"], job.key, settings,
-                                                                    device, compute, storage))
+        members[S.IMAGE] = encode_image_variants(vae, decoded["image"], job.key, settings, device, compute, storage)
     return members
 
 
@@ -288,7 +298,41 @@ def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSe
     with torch.no_grad():
         posterior = vae.encode(batch).latent_dist
         samples = posterior.sample(generator=gen)
-    return {"clean": posterior.mean[0].to(storage), "noisy": samples[1:].to(storage), "sigma": sigma.float()}
+    return {"clean": posterior.mean[0].to(storage).cpu(), "noisy": samples[1:].to(storage).cpu(),
+            "sigma": sigma.float()}
+
+
+class _Packer:
+    """Packs items (safetensors + gzip) and adds them to their shard on one background thread, in the order
+    given, so the accelerator encodes the next clip while the CPU compresses this one (zlib releases the GIL).
+    `put` returns the items finished so far as (tag, locations); at most `depth` wait, bounding memory."""
+
+    def __init__(self, writer: Callable[[str], S.ShardWriter], depth: int = 2):
+        self._writer = writer
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cogprep-pack")
+        self._waiting: deque[tuple[Any, Future]] = deque()
+
+    def _pack_and_add(self, bucket: str, key: str, members: dict[str, Any]) -> dict[str, S.Location]:
+        packed = {m: v if isinstance(v, bytes) else S.tensors_to_bytes(v) for m, v in members.items()}
+        return self._writer(bucket).add(key, packed)
+
+    def put(self, bucket: str, key: str, tag: Any, members: dict[str, Any]) -> list[tuple[Any, dict]]:
+        self._waiting.append((tag, self._pool.submit(self._pack_and_add, bucket, key, members)))
+        done = []
+        while self._waiting and (len(self._waiting) > self._depth or self._waiting[0][1].done()):
+            tag, future = self._waiting.popleft()
+            done.append((tag, future.result()))
+        return done
+
+    def finish(self) -> list[tuple[Any, dict]]:
+        done = [(tag, future.result()) for tag, future in self._waiting]
+        self._waiting.clear()
+        self._pool.shutdown()
+        return done
+
+    def cancel(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _DecodeJobs:
