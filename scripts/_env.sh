@@ -1,5 +1,5 @@
 # Sourced by test.sh and quickstart.sh: create (once) and activate the project's virtual environment.
-# Idempotent: re-installs only when pyproject.toml changed. torch is pinned (COGTUNE_TORCH overrides) because
+# Idempotent: re-installs only when pyproject.toml or this file changed. torch is pinned (COGTUNE_TORCH overrides) because
 # an unpinned torch on these machines pulls gigabytes of CUDA packages; 2.13.0 finds a local CPU wheel here.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,12 +12,13 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 stamp="$VENV/.cogtune-install"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) $TORCH_SPEC"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/_env.sh" | sha256sum | cut -c1-16) $TORCH_SPEC"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing cogtune and its dependencies into $VENV (first run only)"
   python -m pip install -q --disable-pip-version-check --upgrade pip
   python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-  python -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+  # the optional optimizers too (bnb, prodigy): the suite trains and resumes with each
+  python -m pip install -q --disable-pip-version-check -e "$ROOT[test,bnb,prodigy]"
   echo "$want" >"$stamp"
 fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_TELEMETRY=1

@@ -18,7 +18,7 @@ key (32 hex characters, no dots) and whose members are safetensors and JSON only
                  KEY.json                    caption and its token count
 
 Tensor members are gzip-compressed safetensors files (level 1): `gunzip` gives a plain safetensors file, and
-``webdataset.WebDataset(url).decode()`` strips the ``.gz`` itself. Why compress: the T5 embedding keeps all L
+``webdataset.WebDataset(url).decode()`` gunzips them itself. Why compress: the T5 embedding keeps all L
 rows (the pipeline runs T5 on the padded prompt without an attention mask, so the padding rows carry
 caption-dependent values the transformer sees at inference; trimming them would train on something else), so
 bf16 alone is exactly half the naive fp32 layout, and bf16 exponents are far from random: gzip takes about a

@@ -133,6 +133,25 @@ def test_resume_reproduces_the_uninterrupted_run(store, tiny_models, tmp_path, m
                             resumed / "checkpoints" / step / "model.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("optimizer", "module"), [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])
+def test_optional_optimizers_train_and_resume_exactly(store, tiny_models, tmp_path, optimizer, module):
+    """The optional extras' optimizers (pip install cogtune[bnb,prodigy]; CI installs both): their state goes
+    through the checkpoint (no pickle: weights_only loading) and comes back exactly."""
+    pytest.importorskip(module)
+    model = tiny_models["5b"]
+    lr = ("--learning-rate", "1.0") if optimizer == "prodigy" else ()  # Prodigy's lr is a multiplier of its own
+    common = ("--optimizer", optimizer, "--checkpoint-every", "2", "--keep-checkpoints", "0", *lr)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    cogtrain(store, model, whole, "--max-steps", "4", *common)
+    cogtrain(store, model, resumed, "--max-steps", "2", *common)
+    cogtrain(store, model, resumed, "--max-steps", "4", "--resume", "latest", *common)
+    assert losses(resumed) == losses(whole)
+    assert_same_tensors(whole / "pytorch_lora_weights.safetensors", resumed / "pytorch_lora_weights.safetensors")
+    trained = load_file(whole / "pytorch_lora_weights.safetensors")
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in trained.items()), f"{optimizer} moved nothing"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # refusals: exit 2, one line, nothing written
 
