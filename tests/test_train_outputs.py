@@ -3,6 +3,7 @@ videos from a real cogprep store, a model card whose snippet names the right pip
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -183,6 +184,18 @@ def test_save_lora_refuses_settings_that_differ_from_the_adapter(trained_lora, t
     assert not any(tmp_path.iterdir())
 
 
+def test_save_lora_from_gathered_weights_writes_them_not_the_local_shard(trained_lora, tmp_path):
+    """Under FSDP or ZeRO-3 a rank's parameters are a shard; the run passes the weights gathered whole."""
+    _, trained, run = trained_lora
+    gathered = {k: v.clone() for k, v in trained.state_dict().items()}
+    shard_like = copy.deepcopy(trained)
+    with torch.no_grad():
+        for parameter in shard_like.parameters():
+            parameter.zero_()
+    save_lora(shard_like, tmp_path, rank=RANK, alpha=ALPHA, target_modules=TARGETS, state_dict=gathered)
+    assert (tmp_path / LORA_WEIGHT_NAME).read_bytes() == (run / LORA_WEIGHT_NAME).read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # full fine-tune
 
@@ -204,6 +217,16 @@ def test_full_transformer_round_trips_and_runs_in_the_pipeline(tiny_models, tmp_
     video = pipe(prompt="a red circle", num_frames=9, height=32, width=32, num_inference_steps=2,
                  output_type="np").frames
     assert video.shape == (1, 9, 32, 32, 3) and np.isfinite(video).all()
+
+    # from weights gathered whole (FSDP, ZeRO-3), where the rank's own parameters are a shard: the same folder
+    shard_like = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for parameter in shard_like.parameters():
+            parameter.zero_()
+    gathered = save_full(shard_like, tmp_path / "gathered", state_dict=trained_state)
+    assert sorted(p.name for p in gathered.iterdir()) == sorted(p.name for p in folder.iterdir())
+    for name, tensor in CogVideoXTransformer3DModel.from_pretrained(gathered).state_dict().items():
+        assert torch.equal(tensor, trained_state[name]), name
 
 
 # ---------------------------------------------------------------------------------------------------------

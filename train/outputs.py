@@ -56,7 +56,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_lora(
-    transformer: torch.nn.Module, out_dir: Path, *, rank: int, alpha: float, target_modules: list[str]
+    transformer: torch.nn.Module, out_dir: Path, *, rank: int, alpha: float, target_modules: list[str],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the transformer's LoRA adapter to ``out_dir/pytorch_lora_weights.safetensors``; returns the file.
 
@@ -67,7 +68,9 @@ def save_lora(
     ``load_lora_weights`` casts them to the dtype of the pipeline they are loaded into.
 
     `rank`, `alpha` and `target_modules` are what the caller trained with; they must match the adapter on
-    the model (whose config is what gets written), else ValueError.
+    the model (whose config is what gets written), else ValueError. `state_dict`: the model's whole state
+    gathered from its shards (``accelerator.get_state_dict`` under FSDP or ZeRO-3), where the model's own
+    parameters are only this rank's shard.
     """
     from diffusers import CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict
@@ -83,7 +86,7 @@ def save_lora(
         )
     weights = {
         name: tensor.detach().to("cpu", torch.float32).contiguous()
-        for name, tensor in get_peft_model_state_dict(model, adapter_name=adapter_name).items()
+        for name, tensor in get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name).items()
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,12 +136,14 @@ def _only_adapter(model: torch.nn.Module) -> tuple[str, Any]:
 # full fine-tune
 
 
-def save_full(transformer: torch.nn.Module, out_dir: Path) -> Path:
+def save_full(transformer: torch.nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the whole transformer as a diffusers ``transformer/`` folder (safetensors) in `out_dir`; returns it.
 
     The folder loads with ``CogVideoXTransformer3DModel.from_pretrained(out_dir / "transformer")`` and plugs into
     ``pipeline_class.from_pretrained(base, transformer=...)``. Weights keep the model's dtype. The folder is
     written under a temporary name and swapped in whole; a previous ``transformer/`` is replaced.
+    `state_dict`: the weights gathered from the shards (FSDP, ZeRO-3), put into an unsharded copy of the
+    model built without memory of its own (meta device) and saved from there.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,13 +151,26 @@ def save_full(transformer: torch.nn.Module, out_dir: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{TRANSFORMER_FOLDER}.", dir=out_dir))
     try:
         os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes an owner-only folder; the final one gets the usual mode
-        unwrap_model(transformer).save_pretrained(staging, safe_serialization=True)
+        model = unwrap_model(transformer)
+        if state_dict is not None:
+            model = _unsharded_copy(model, state_dict)
+        model.save_pretrained(staging, safe_serialization=True)
         for file in staging.iterdir():
             _finish_file(file)
         _replace_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new model of `model`'s class and config holding `state_dict`'s tensors (no copy, no random init)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        copy = type(model).from_config(model.config)
+    copy.load_state_dict(state_dict, strict=True, assign=True)
+    return copy
 
 
 def _replace_folder(new: Path, final: Path) -> None:

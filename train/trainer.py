@@ -370,14 +370,23 @@ def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_inf
     accelerator.wait_for_everyone()
 
 
+def weights_are_sharded(accelerator) -> bool:
+    """Whether each rank holds only a shard of the weights: FSDP, or DeepSpeed ZeRO-3."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
 def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
     """sha256 of each rank's trained weights, gathered on every rank: data parallelism must keep them equal.
 
-    None where the weights are sharded across ranks (FSDP, DeepSpeed), so no rank holds them whole.
+    None where the weights are sharded across ranks (FSDP, ZeRO-3), so no rank holds them whole.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if weights_are_sharded(accelerator):
         return None
     digest = hashlib.sha256()
     for name, parameter in sorted(accelerator.unwrap_model(model).named_parameters()):
@@ -396,14 +405,16 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
 
     digests = weights_digests(accelerator, model)
     steps_per_rank = accelerator.gather(torch.tensor([steps], device=accelerator.device)).tolist()  # equal, or DDP hangs
+    # sharded weights (FSDP, ZeRO-3) are gathered whole for rank 0: a collective every rank takes part in
+    gathered = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
     outputs: list[Path] = []
     if accelerator.is_main_process:
         transformer = accelerator.unwrap_model(model)
         if config.mode == "lora":
             weights = save_lora(transformer, config.out, rank=config.rank, alpha=config.alpha,
-                                target_modules=config.target_modules)
+                                target_modules=config.target_modules, state_dict=gathered)
         else:
-            weights = save_full(transformer, config.out)
+            weights = save_full(transformer, config.out, state_dict=gathered)
         card = write_model_card(config.out, config.to_dict(), model_info.source, model_info.variant,
                                 OUTPUT_KIND[config.mode])
         outputs = [weights, card]
