@@ -1,6 +1,6 @@
 """Benchmark cogprep on a tiny model: encode throughput and stage overlap, the no-op re-run, bytes per sample.
 
-    python scripts/bench_prep.py [--clips 6] [--frames 49] [--height 128] [--width 192] [--workers 2]
+    python scripts/bench_prep.py [--clips 6] [--frames 49] [--height 128] [--width 192] [--workers 1] [--threads 1]
                                  [--noop-entries 1000] [--json-out bench.json] [--keep DIR]
 
 Everything is measured in one run on generated data, nothing is assumed:
@@ -8,8 +8,9 @@ Everything is measured in one run on generated data, nothing is assumed:
   (b) decode only, clips/s: the encode's own decode stage (decord + resize in the same DataLoader workers);
   (c) encode only, clips/s: the encode's own VAE + T5 calls on the pre-decoded clips; and pack only: the
       safetensors + gzip of what they made (the encode runs it on a thread beside the VAE);
-  (d) wall / slower stage: 1.0 is perfect overlap of decoding and packing with encoding (on a CPU-only
-      machine the stages share the cores, so the overlap cannot be perfect there);
+  (d) wall / slower stage: 1.0 is perfect overlap of decoding and packing with encoding (the encoder runs
+      on --threads cores, 1 by default, so that on a CPU-only machine the stages do not fight for the cores:
+      with every core given to the encoder, the decode workers can only slow it down);
   (e) a no-op re-run over a dataset of N entries (copies of a few short clips under N names);
   (f) bytes per sample against a naive layout (fp32 mean + logvar, fp32 226-token embedding), for the tiny
       model as encoded, and for CogVideoX-5b at 49x480x720 (text dim 4096) from the store's measured overhead
@@ -72,11 +73,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=192, help="bucket width (default 192)")
     parser.add_argument("--source-scale", type=float, default=2.0,
                         help="source videos are this many times the bucket size, so resizing costs (default 2)")
-    parser.add_argument("--workers", type=int, default=2, help="decode workers (default 2)")
+    parser.add_argument("--workers", type=int, default=1, help="decode workers (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the encoder (default 1: on a CPU-only machine the encoder keeps one "
+                             "core and the decode workers get the rest, as the VAE gets its own silicon on a GPU "
+                             "machine; 0: torch's default, every core, which measures core contention, not overlap)")
     parser.add_argument("--noop-entries", type=int, default=1000, help="entries of the no-op dataset (default 1000)")
     parser.add_argument("--json-out", type=Path, help="also write the results to this file")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-prep-"))
