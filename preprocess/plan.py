@@ -181,6 +181,8 @@ def plan_encode(
         hashes.save()
         probes.save()
 
+    if (Path(store) / S.INDEX).exists():
+        S.Manifest.load(store)  # refuses a store of another format version: its items are not reusable
     old_rows = S.read_index(store)
     video_locations, text_locations = _known_items(store, old_rows)
     plan = Plan(

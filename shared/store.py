@@ -149,7 +149,8 @@ class Manifest:
             raise CogtuneError(f"{path}: not a cogtune store manifest")
         if data.get("version") != FORMAT_VERSION:
             raise CogtuneError(
-                f"{path}: store format version {data.get('version')}, this cogtune reads {FORMAT_VERSION}: re-encode"
+                f"{path}: store format version {data.get('version')}, this cogtune reads {FORMAT_VERSION}: "
+                "encode the dataset again into a new folder"
             )
         fields = {k: data[k] for k in ("model", "settings", "dataset", "buckets", "format", "version", "updated")}
         return cls(**fields)

@@ -188,3 +188,16 @@ def test_noop_rerun_encodes_nothing_and_status_is_current(dataset, tiny_models, 
     add_clip(dataset, "late.mp4", "a red square moving left over a blue background")
     result = cogprep("status", dataset, "--store", store, expect=1)
     assert "new 1" in result.output and "late.mp4" in result.output
+
+
+def test_a_store_of_another_format_version_is_refused_and_left_as_it_was(dataset, tiny_models, tmp_path):
+    """Its items are laid out otherwise (version 1 kept tensors uncompressed): none may be reused."""
+    store = tmp_path / "store"
+    encode(dataset, tiny_models["5b"], store)
+    old = S.Manifest.load(store)
+    old.version = 1
+    S.write_index(store, S.read_index(store), old)
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and S.CACHE_DIR not in p.parts}
+    result = encode(dataset, tiny_models["5b"], store, expect=2)
+    assert "store format version 1, this cogtune reads 2: encode the dataset again into a new folder" in result.output
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and S.CACHE_DIR not in p.parts} == before
