@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import safetensors.torch
 import torch
 import webdataset as wds
 from cogtune.shared import store as S
@@ -21,6 +20,7 @@ from prep_helpers import (
     store_content,
     write_lines,
 )
+from safetensors.torch import load as load_safetensors
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_every_shard_streams_with_webdataset_like_random_access(dataset, tiny_mo
         for sample in wds.WebDataset(str(store / shard), shardshuffle=False).decode():  # gunzips .gz members
             for member in (S.LATENT, S.IMAGE, S.TEXT):
                 if member in sample:
-                    streamed[(sample["__key__"], member)] = safetensors.torch.load(sample[member])
+                    streamed[(sample["__key__"], member)] = load_safetensors(sample[member])
     reader = S.ShardReader(store)
     rows = S.read_index(store)
     assert rows

@@ -3,10 +3,11 @@
 import gzip
 import json
 
-import safetensors.torch
 import torch
 import webdataset as wds
 from cogtune.shared import store as S
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 
 def _write_items(tmp_path, n=5, max_items=2):
@@ -30,7 +31,7 @@ def test_shards_roll_close_and_stream_like_random_access(tmp_path):
     for shard in S.list_shards(tmp_path):
         # plain webdataset, no cogtune code: its default decoder gunzips ``.gz`` members (the key stays)
         for sample in wds.WebDataset(str(tmp_path / shard), shardshuffle=False).decode():
-            streamed[sample["__key__"]] = safetensors.torch.load(sample[S.LATENT])
+            streamed[sample["__key__"]] = load_safetensors(sample[S.LATENT])
     assert streamed.keys() == expected.keys()
     for key, t in expected.items():
         loc = locs[key][S.LATENT]
@@ -45,7 +46,7 @@ def test_tensor_members_are_deterministic_gzip_of_safetensors_and_smaller_than_r
     packed = S.tensors_to_bytes(t)
     assert packed == S.tensors_to_bytes({k: v.clone() for k, v in t.items()})  # no timestamp in the bytes
     raw = gzip.decompress(packed)
-    assert raw == safetensors.torch.save(t)
+    assert raw == save_safetensors(t)
     assert len(packed) < 0.9 * len(raw)  # near-Gaussian bf16 values: the exponent bytes compress
     assert all(torch.equal(v, t[k]) for k, v in S.tensors_from_bytes(packed).items())
 
