@@ -168,9 +168,9 @@ def _unsharded_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor])
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        copy = type(model).from_config(model.config)
-    copy.load_state_dict(state_dict, strict=True, assign=True)
-    return copy
+        unsharded = type(model).from_config(model.config)
+    unsharded.load_state_dict(state_dict, strict=True, assign=True)
+    return unsharded
 
 
 def _replace_folder(new: Path, final: Path) -> None:
