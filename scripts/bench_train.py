@@ -89,7 +89,7 @@ PEERS_5B_GB = 20.7
 PEERS_SETUP = {"arch": "5b", "mode": "lora", "rank": 128, "frames": 49, "height": 480, "width": 720,
                "batch_size": 1, "gradient_checkpointing": True}
 """The setup PEERS_5B_GB was measured at: the absolute comparison is only printed for it."""
-DEFAULT_SHAPE = {"tiny": (33, 96, 144), "5b": (49, 480, 720)}  # tiny: a step long enough to outweigh timer noise
+DEFAULT_SHAPE = {"tiny": (49, 192, 288), "5b": (49, 480, 720)}  # tiny: 0.2 s steps, fixed costs not magnified
 """(frames, height, width) in pixels when not given."""
 PROMPT = "a red circle moving left to right over a blue background"
 """The caption of every clip, and the prompt the baseline encodes each step."""
@@ -150,9 +150,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--mode", choices=("lora", "sft"), default="lora")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank (default 128)")
-    parser.add_argument("--frames", type=int, help="pixel frames, 8N+1 (default: tiny 33, 5b 49)")
-    parser.add_argument("--height", type=int, help="pixel height, a multiple of 16 (default: tiny 96, 5b 480)")
-    parser.add_argument("--width", type=int, help="pixel width, a multiple of 16 (default: tiny 144, 5b 720)")
+    parser.add_argument("--frames", type=int, help="pixel frames, 8N+1 (default 49)")
+    parser.add_argument("--height", type=int, help="pixel height, a multiple of 16 (default: tiny 192, 5b 480)")
+    parser.add_argument("--width", type=int, help="pixel width, a multiple of 16 (default: tiny 288, 5b 720)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="measured steps per variant and round (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps before them (default 3)")
@@ -164,6 +164,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads with --device cpu (default 1: steadier timings on a shared machine)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=2**20,
+                        help="with --device cpu, every variant's glibc M_MMAP_THRESHOLD in bytes (default 1 MiB: "
+                             "tensors above it are mapped and unmapped, so RSS follows live memory; 0 keeps "
+                             "glibc's sliding threshold, under which a freed block's size moves later ones "
+                             "to the heap and RSS keeps what the heap has held)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--work", type=Path, help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--dry-run", action="store_true",
@@ -367,19 +372,23 @@ def run_rounds(args: argparse.Namespace, argv: list[str], work: Path) -> dict[st
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
     for round_number in range(args.rounds):
         for name in VARIANTS:
-            result = run_variant(argv, name, work, round_number)
+            result = run_variant(args, argv, name, work, round_number)
             runs[name].append(result)
             done = f"{statistics.median(result['step_s']):.4f} s/step" if "step_s" in result else result["skipped"]
             print(f"round {round_number + 1}/{args.rounds} {name}: {done}", file=sys.stderr, flush=True)
     return summarize(args, runs, time.time() - started)
 
 
-def run_variant(argv: list[str], name: str, work: Path, round_number: int) -> dict[str, Any]:
+def run_variant(args: argparse.Namespace, argv: list[str], name: str, work: Path,
+                round_number: int) -> dict[str, Any]:
     """One variant in a fresh Python process; its result, or why it has none."""
     result = work / f"{name}-{round_number}.json"
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--work", str(work), "--child", name,
                "--result", str(result)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    environment = dict(os.environ)
+    if args.device == "cpu" and args.malloc_mmap_threshold:
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode != 0 or not result.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"skipped": f"exit {done.returncode}: {tail[0]}"}
@@ -395,6 +404,9 @@ def run_child(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    # pyarrow sets up its allocator (mimalloc) on first use: 4.4 MB for the 2-row index here, allocator state,
+    # not data. Library start-up like the imports: done in every variant alike before the reset, not counted
+    S.read_index(args.work / STORE, ("bucket",))
     host_start = reset_host_peak()  # after every import: code loaded by all variants alike is not counted
     config = train_config(args, args.work / MODEL, args.work / STORE, args.work / "runs" / args.result.stem)
     try:
@@ -654,6 +666,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
                                                    "caption_dropout", "seed", "steps", "warmup", "rounds")},
             "latents": list(latent_shape(args)),
             "threads": args.threads if args.device == "cpu" else None,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold if args.device == "cpu" else None,
+            "cogtrain_prefetch": train_config(args, Path(), Path(), Path()).prefetch,
         },
         "machine": {
             "torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),

@@ -8,6 +8,7 @@ import webdataset as wds
 from cogtune.shared import store as S
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from store_builder import build_random_store
 
 
 def _write_items(tmp_path, n=5, max_items=2):
@@ -97,3 +98,14 @@ def test_extras_round_trip(tmp_path):
     got, meta = S.read_extras(tmp_path)
     assert torch.equal(got["empty_embedding"], t["empty_embedding"])
     assert json.loads(meta["validation_prompts"]) == ["a"]
+
+
+def test_index_columns_give_the_rows_read_index_gives(tmp_path):
+    rows = build_random_store(tmp_path, {"9x32x48": (5, 2), "5x16x16": (3, 2)}, i2v=True)
+    columns = ("bucket", *S.SAMPLE_COLUMNS)
+    compact = S.IndexColumns(tmp_path, columns)
+    assert len(compact) == len(rows) == 8
+    assert [compact.row(i) for i in range(8)] == S.read_index(tmp_path, columns)
+    assert [compact.row(i) for i in range(8)] == [{name: row[name] for name in columns} for row in rows]
+    assert compact.strings("bucket") == [row["bucket"] for row in rows]
+    assert len(S.IndexColumns(tmp_path / "no-store", columns)) == 0

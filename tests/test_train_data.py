@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 
 import numpy as np
@@ -205,6 +206,28 @@ def test_prefetching_loader_yields_what_a_plain_one_does(i2v_store):
     for (a, pa), (b, pb) in zip(itertools.islice(plain, 2 * BATCHES), itertools.islice(prefetching, 2 * BATCHES)):
         _same_batch(a, b)
         assert pa == pb
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_prefetch_reads_at_most_prefetch_batches_ahead(t2v_store, prefetch):
+    path, _ = t2v_store
+    loader = StoreLoader.from_store(path, batch_size=2, seed=3, prefetch=prefetch)
+    started, received, ahead = [], [], []
+    read_batch = loader.dataset.read_batch
+
+    def counting_read(planned):
+        started.append(planned)  # counted as soon as the read begins: its batch is being built in memory
+        ahead.append(len(started) - len(received))
+        return read_batch(planned)
+
+    loader.dataset.read_batch = counting_read
+    batches = iter(loader)
+    for _ in range(2 * BATCHES):
+        received.append(next(batches))
+        time.sleep(0.02)  # a slow step: the thread reads ahead as far as it may
+    batches.close()
+    # the caller's batch is already counted in received: the thread never builds more than `prefetch` more
+    assert max(ahead) == prefetch
 
 
 def test_prefetch_thread_errors_reach_the_caller(tmp_path):

@@ -101,8 +101,9 @@ class TrainConfig:
     """Dataset to check the store against (default: the path recorded in store.json)."""
     report_to: str = "tensorboard"
     """Metrics logger: tensorboard, wandb or none."""
-    prefetch: int = 2
-    """Batches read ahead in a background thread (0: read in the training loop)."""
+    prefetch: int = 1
+    """Batches read ahead in a background thread, in host memory (0: read in the training loop). One hides the
+    read (tens of ms) behind the step (seconds at real size); more only helps storage with slow spells."""
     device: str = "auto"
     """auto (the accelerator accelerate picks: cuda:LOCAL_RANK if present), cpu or cuda."""
     progress: bool = True

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from cogtune.shared.errors import CogtuneError
-from cogtune.shared.store import INDEX, Manifest, ShardReader, read_index, read_sample
+
+from ..shared.errors import CogtuneError
+from ..shared.store import INDEX, SAMPLE_COLUMNS, IndexColumns, Manifest, ShardReader, read_sample
 
 # Separate random streams drawn from one seed: the epoch order and the I2V noise-variant draws.
 _SHUFFLE_STREAM = 0
@@ -195,8 +196,8 @@ class StoreDataset:
     def __init__(self, store: Path, seed: int = 0):
         self.store = Path(store)
         self.manifest = Manifest.load(self.store)
-        self.rows = read_index(self.store)
-        if not self.rows:
+        self.rows = IndexColumns(self.store, ("bucket", *SAMPLE_COLUMNS))
+        if not len(self.rows):
             raise CogtuneError(f"{self.store / INDEX}: no samples (run cogprep encode first)")
         self.seed = seed
         self._reader = ShardReader(self.store)
@@ -206,7 +207,7 @@ class StoreDataset:
 
     @property
     def row_buckets(self) -> list[str]:
-        return [row["bucket"] for row in self.rows]
+        return self.rows.strings("bucket")
 
     @property
     def bucket_batch_sizes(self) -> dict[str, int]:
@@ -214,7 +215,7 @@ class StoreDataset:
         return {b["name"]: b["batch_size"] for b in self.manifest.buckets if b.get("batch_size")}
 
     def read_batch(self, planned: PlannedBatch) -> dict[str, torch.Tensor]:
-        samples = [read_sample(self._reader, self.rows[row]) for row in planned.rows]
+        samples = [read_sample(self._reader, self.rows.row(row)) for row in planned.rows]
         with_image = ["noisy" in sample for sample in samples]
         if any(with_image) and not all(with_image):
             raise CogtuneError(f"{self.store / INDEX}: rows with and without image latents in one bucket")
@@ -253,11 +254,12 @@ class StoreLoader:
 
     Save ``position`` with a checkpoint taken after the batch's step; `load_state_dict(position)` on a fresh
     loader continues with the next batch. With `prefetch` > 0 a background thread reads up to `prefetch`
-    batches ahead into a bounded queue, so the step does not wait on disk; `prefetch` 0 reads in the caller.
+    batches ahead (the one it is reading counts), so the step does not wait on disk: the caller's batch and at
+    most `prefetch` more are in memory. `prefetch` 0 reads in the caller.
     Both give the same batches. One iteration at a time; a new `iter()` restarts from the last yielded position.
     """
 
-    def __init__(self, dataset: StoreDataset, sampler: BucketBatchSampler, prefetch: int = 2):
+    def __init__(self, dataset: StoreDataset, sampler: BucketBatchSampler, prefetch: int = 1):
         if prefetch < 0:
             raise CogtuneError(f"prefetch must be 0 or more, got {prefetch}")
         self.dataset = dataset
@@ -273,7 +275,7 @@ class StoreLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        prefetch: int = 2,
+        prefetch: int = 1,
     ) -> StoreLoader:
         """The loader a training run uses: the manifest's per-bucket batch sizes, `batch_size` for the rest."""
         dataset = StoreDataset(store, seed=seed)
@@ -306,13 +308,15 @@ class StoreLoader:
                 self.sampler.position = planned.after
                 yield batch, self.sampler.state_dict()
             return
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        thread = threading.Thread(target=self._read_ahead, args=(planned_batches, ready, stop), daemon=True)
+        # a slot per batch read ahead, taken before the read starts: at most `prefetch` batches in host memory
+        # besides the caller's (a bounded queue alone would let the thread hold one more, waiting to put it)
+        slots, ready, stop = threading.Semaphore(self.prefetch), queue.SimpleQueue(), threading.Event()
+        thread = threading.Thread(target=self._read_ahead, args=(planned_batches, slots, ready, stop), daemon=True)
         thread.start()
         try:
             while True:
                 item = ready.get()
+                slots.release()
                 if isinstance(item, _Failure):
                     raise item.error
                 batch, after = item
@@ -323,20 +327,16 @@ class StoreLoader:
             stop.set()
             thread.join()
 
-    def _read_ahead(self, planned_batches: Iterator[PlannedBatch], ready: queue.Queue, stop: threading.Event) -> None:
-        def put(item: Any) -> bool:
-            # a bounded wait, so that a consumer that stopped listening (stop set) never leaves us blocked
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _read_ahead(self, planned_batches: Iterator[PlannedBatch], slots: threading.Semaphore,
+                    ready: queue.SimpleQueue, stop: threading.Event) -> None:
         try:
             for planned in planned_batches:
-                if not put((self.dataset.read_batch(planned), planned.after)):
+                # a bounded wait, so that a consumer that stopped listening (stop set) never leaves us blocked
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
+                ready.put((self.dataset.read_batch(planned), planned.after))
         except BaseException as error:  # noqa: BLE001 - re-raised in the consumer's thread
-            put(_Failure(error))
+            ready.put(_Failure(error))

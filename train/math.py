@@ -227,23 +227,25 @@ def training_step(
         0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=_generator_device(generator)
     ).to(device)
     noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    noisy = scheduler.add_noise(x0, noise, timesteps)
-    target = scheduler.get_velocity(x0, noise, timesteps)
-
-    model_input = noisy
+    model_input = scheduler.add_noise(x0, noise, timesteps)
+    target = scheduler.get_velocity(x0, noise, timesteps).to(device)
     if batch.image_latents is not None:
         condition = image_conditioning(batch.image_latents, num_frames, vae_scaling_factor, invert_scale_latents)
-        model_input = torch.cat([noisy, condition], dim=2)
+        model_input = torch.cat([model_input, condition], dim=2)
+        del condition
+    model_input = model_input.to(device, dtype)
+    # only the input and the target live on through the forward pass, as in a bare training loop
+    del x0, noise
 
     prediction = transformer(
-        hidden_states=model_input.to(device, dtype),
+        hidden_states=model_input,
         encoder_hidden_states=batch.prompt_embeds,
         timestep=timesteps,
         ofs=ofs_tensor(config, batch_size, device, dtype),
         image_rotary_emb=rotary_embeddings(config, height, width, num_frames, device),
         return_dict=False,
     )[0]
-    return F.mse_loss(prediction.float(), target.to(device))
+    return F.mse_loss(prediction.float(), target)
 
 
 def _generator_device(generator: torch.Generator | None) -> torch.device:

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from cogtune.shared.atomic import atomic_path, atomic_write_text
-from cogtune.shared.errors import CogtuneError
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..shared.atomic import atomic_path, atomic_write_text
+from ..shared.errors import CogtuneError
 
 TRAIN_STATE_JSON = "train_state.json"
 FORMAT = "cogtune-train-state"

@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end on a tiny setting and print what they measured (no figure is checked
+against a target here: timings belong to the benchmarks, not to the suite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def _run(script: str, *argv: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), *argv], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_bench_train_measures_every_variant(tmp_path):
+    result = tmp_path / "bench.json"
+    done = _run("bench_train.py", "--frames", "9", "--height", "32", "--width", "48", "--steps", "2", "--warmup",
+                "1", "--rounds", "1", "--json", str(result))
+    printed = json.loads(done.stdout[done.stdout.index("\n{") + 1:])
+    assert printed == json.loads(result.read_text())
+    assert "cogtrain vs bare: median step time" in done.stdout  # the readable table
+    for name in ("bare", "cogtrain", "baseline"):
+        variant = printed["variants"][name]
+        assert "skipped" not in variant, variant
+        assert variant["steps"] == 2 and variant["median_s"] > 0
+        assert variant["peak_memory_bytes"]["host_peak_anon_growth"] > 0
+        assert all(loss == loss for loss in variant["final_losses"])  # finite, not NaN
+    assert set(printed["pass"]) == {"time", "memory"}
+    assert printed["settings"]["malloc_mmap_threshold"] == 2**20
+
+
+@pytest.mark.slow
+def test_bench_train_builds_the_real_5b_on_the_meta_device(tmp_path):
+    done = _run("bench_train.py", "--arch", "5b", "--dry-run")
+    counts = json.loads(done.stdout)
+    # CogVideoX-5b's transformer as published: 5.57 B parameters; LoRA r128 on the attention projections
+    assert 5.5e9 < counts["transformer_parameters"] < 5.6e9
+    assert counts["trained_parameters"] == counts["parameters_with_grad_after_backward"] > 0
+    assert counts["latents"] == [1, 16, 13, 60, 90]
+    assert 4.6e9 < counts["text_encoder_parameters"] < 4.8e9  # T5-XXL's encoder
