@@ -19,7 +19,9 @@ Step time is wall clock per optimizer step (CUDA synchronised): the table gives 
 step of every round (the ratio to the bare loop is taken on it), the mean, the minimum, and the process's CPU
 seconds per step (steadier than wall time where other processes share the CPU). Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` (and reserved) over the whole subprocess, weights included; on the CPU the
-growth of the process's anonymous peak RSS after the imports (library code pages left out, see `peak_memory`).
+growth of the process's anonymous peak RSS after the imports (library code pages left out, see `peak_memory`),
+with glibc's mmap threshold fixed (``--malloc-mmap-threshold``) so that RSS follows live memory, and pyarrow's
+allocator set up before the count in every variant, as the imports are.
 Targets: cogtrain at most 1.05x the bare loop's median step time and 1.10x its peak memory; with ``--arch 5b
 --device cuda``, under 18 GB reserved at the peers' setup (LoRA r128, 49x480x720, batch 1, gradient
 checkpointing), where they need 20.7 GB (REFERENCE.md section 6).
