@@ -242,7 +242,7 @@ class Stepper:
             "step_time": seconds,
             "samples_per_s": totals[1].item() / seconds,
         }
-        if torch.cuda.is_available():
+        if device.type == "cuda":  # not on a CUDA machine told --device cpu
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         return metrics, position
 
