@@ -350,3 +350,7 @@ def extract_frames(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m cogtune.preprocess.cli, e.g. under torchrun
+    main()
