@@ -44,9 +44,7 @@ from .checks import RunInputs, check_run
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .math import TrainBatch, drop_captions, training_step
-from .state import (
-    RngStates,
-)
+from .state import RngStates
 
 LOSSES = "losses.jsonl"
 SUMMARY = "summary.json"
@@ -164,7 +162,7 @@ def to_train_batch(batch: dict[str, torch.Tensor], device: torch.device, embed_d
 
 
 # ---------------------------------------------------------------------------------------------------------
-# checkpoints
+# the run
 
 
 def train(config: TrainConfig) -> TrainResult:
