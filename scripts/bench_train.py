@@ -2,7 +2,8 @@
 
     python scripts/bench_train.py [--arch tiny|5b] [--device cpu|cuda] [--mode lora|sft] [--rank 128]
         [--frames F --height H --width W] [--batch-size 1] [--steps 20] [--warmup 3] [--rounds 2]
-        [--no-gradient-checkpointing] [--mixed-precision bf16] [--json PATH] [--work DIR] [--dry-run]
+        [--no-gradient-checkpointing] [--offload-checkpoints] [--mixed-precision bf16] [--json PATH] [--work DIR]
+        [--dry-run]
 
 Three variants on the same model, the same shapes and the same seed, each run in a fresh subprocess (so that
 their memory peaks do not mix), round after round (so that a slow spell of a shared machine hits all of them):
@@ -89,7 +90,7 @@ TARGET_5B_GB = 18.0
 PEERS_5B_GB = 20.7
 """finetrainers, CogVideoX-5b LoRA r128, 49x480x720, batch 1, gradient checkpointing (REFERENCE.md section 6)."""
 PEERS_SETUP = {"arch": "5b", "mode": "lora", "rank": 128, "frames": 49, "height": 480, "width": 720,
-               "batch_size": 1, "gradient_checkpointing": True}
+               "batch_size": 1, "gradient_checkpointing": True, "offload_checkpoints": False}
 """The setup PEERS_5B_GB was measured at: the absolute comparison is only printed for it."""
 DEFAULT_SHAPE = {"tiny": (49, 192, 288), "5b": (49, 480, 720)}  # tiny: 0.2 s steps, fixed costs not magnified
 """(frames, height, width) in pixels when not given."""
@@ -161,6 +162,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2,
                         help="times each variant runs, interleaved, each in a fresh process (default 2)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--offload-checkpoints", action="store_true",
+                        help="cogtrain's --offload-checkpoints, in every variant: checkpointed block inputs in host "
+                             "memory")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="cogtrain's caption dropout (default 0.1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -357,7 +361,8 @@ def train_config(args: argparse.Namespace, model: Path, store: Path, out: Path) 
     return TrainConfig(
         store=store, model=str(model), out=out, mode=args.mode, rank=args.rank, batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, caption_dropout=args.caption_dropout, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, offload_checkpoints=args.offload_checkpoints,
+        caption_dropout=args.caption_dropout, seed=args.seed,
         report_to="none", progress=False, device=args.device,
     )
 
@@ -664,7 +669,7 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
     return {
         "settings": {
             **{key: getattr(args, key) for key in ("arch", "device", "mode", "rank", "frames", "height", "width",
-                                                   "batch_size", "gradient_checkpointing", "mixed_precision",
+                                                   "batch_size", "gradient_checkpointing", "offload_checkpoints", "mixed_precision",
                                                    "caption_dropout", "seed", "steps", "warmup", "rounds")},
             "latents": list(latent_shape(args)),
             "threads": args.threads if args.device == "cpu" else None,
@@ -693,7 +698,8 @@ def print_table(results: dict[str, Any]) -> None:
     threads = f" ({s['threads']} torch thread{'s' if s['threads'] > 1 else ''})" if s["threads"] else ""
     print(f"cogtrain step benchmark: {model}, {adapter}, {s['frames']}x{s['height']}x{s['width']} "
           f"(latents {'x'.join(map(str, s['latents']))}), batch {s['batch_size']}, {s['mixed_precision']}, "
-          f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['device']}{threads}; "
+          f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+          f"{' (inputs offloaded to the host)' if s['offload_checkpoints'] else ''}, {s['device']}{threads}; "
           f"{s['steps']} steps x {s['rounds']} rounds after {s['warmup']} warm-up; "
           f"load average {results['machine']['load_average_1min']} on {results['machine']['cpu_cores']} cores")
     memory = "CUDA max allocated" if key == "cuda_max_allocated" else "peak anon RSS growth"

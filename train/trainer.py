@@ -111,7 +111,9 @@ def build_transformer(config: TrainConfig, model: Model) -> torch.nn.Module:
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        from .activation_offload import offloaded_checkpoint
+
+        transformer.enable_gradient_checkpointing(offloaded_checkpoint if config.offload_checkpoints else None)
     transformer.train()
     return transformer
 
