@@ -20,7 +20,7 @@ def _config(model: Path, **options) -> TrainConfig:
     return TrainConfig(store=Path("store"), model=str(model), out=Path("run"), lora_dropout=0.1, **options)
 
 
-def _loss_and_grads(model_path: Path, mode: str, offload: bool, device: str, monkeypatch):
+def _loss_and_grads(model_path: Path, mode: str, precision: str, offload: bool, device: str, monkeypatch):
     """One training step of a freshly built transformer: the loss, the trained weights' gradients, how many
     block inputs went to the host, and how many were still in device memory when the backward pass began."""
     offloaded = []
@@ -28,7 +28,7 @@ def _loss_and_grads(model_path: Path, mode: str, offload: bool, device: str, mon
     monkeypatch.setattr(activation_offload, "copy_to_host", lambda t: offloaded.append(t.shape) or real_copy(t))
     model = open_model(model_path)
     torch.manual_seed(0)  # the LoRA initialisation
-    config = _config(model_path, mode=mode, mixed_precision="no", offload_checkpoints=offload)
+    config = _config(model_path, mode=mode, mixed_precision=precision, offload_checkpoints=offload)
     transformer = build_transformer(config, model).to(device)
     tc = transformer.config
     g = torch.Generator().manual_seed(1)
@@ -45,8 +45,11 @@ def _loss_and_grads(model_path: Path, mode: str, offload: bool, device: str, mon
     for block in transformer.transformer_blocks:
         block.register_forward_pre_hook(remember_input)
     torch.manual_seed(2)  # LoRA dropout draws from the global generator, in the forward and again in the recompute
-    loss = training_step(transformer, model.load_scheduler(), batch, vae_scaling_factor=0.7, invert_scale_latents=False,
-                         generator=torch.Generator(device).manual_seed(3))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    batch.prompt_embeds = batch.prompt_embeds.to(dtype if mode == "lora" else torch.float32)  # as cogtrain feeds it
+    with torch.autocast(device, dtype=dtype, enabled=precision == "bf16"):  # as accelerate wraps the forward
+        loss = training_step(transformer, model.load_scheduler(), batch, vae_scaling_factor=0.7,
+                             invert_scale_latents=False, generator=torch.Generator(device).manual_seed(3))
     kept = sum(ref() is not None for ref in block_inputs)  # between the forward and the backward pass
     loss.backward()
     grads = {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
@@ -58,11 +61,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["lora", "sft"])
-def test_offloaded_checkpoints_give_the_same_loss_and_gradients(tiny_models, mode, device, monkeypatch):
+@pytest.mark.parametrize(("mode", "precision"), [("lora", "no"), ("lora", "bf16"), ("sft", "no")])
+def test_offloaded_checkpoints_give_the_same_loss_and_gradients(tiny_models, mode, precision, device, monkeypatch):
     model = tiny_models["2b"]
-    plain_loss, plain_grads, plain_offloaded, plain_kept = _loss_and_grads(model, mode, False, device, monkeypatch)
-    loss, grads, offloaded, kept = _loss_and_grads(model, mode, True, device, monkeypatch)
+    plain = _loss_and_grads(model, mode, precision, False, device, monkeypatch)
+    plain_loss, plain_grads, plain_offloaded, plain_kept = plain
+    loss, grads, offloaded, kept = _loss_and_grads(model, mode, precision, True, device, monkeypatch)
     layers = open_model(model).config("transformer")["num_layers"]
     assert plain_offloaded == 0 and offloaded == layers  # every block's input, once: the forward pass
     # plain checkpointing keeps every block's input for the backward pass; offloading frees them, except the
