@@ -196,18 +196,18 @@ class StoreDataset:
     def __init__(self, store: Path, seed: int = 0):
         self.store = Path(store)
         self.manifest = Manifest.load(self.store)
-        self.rows = IndexColumns(self.store, ("bucket", *SAMPLE_COLUMNS))
-        if not len(self.rows):
+        self.index = IndexColumns(self.store, ("bucket", *SAMPLE_COLUMNS))
+        if not len(self.index):
             raise CogtuneError(f"{self.store / INDEX}: no samples (run cogprep encode first)")
         self.seed = seed
         self._reader = ShardReader(self.store)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.index)
 
     @property
     def row_buckets(self) -> list[str]:
-        return self.rows.strings("bucket")
+        return self.index.strings("bucket")
 
     @property
     def bucket_batch_sizes(self) -> dict[str, int]:
@@ -215,7 +215,7 @@ class StoreDataset:
         return {b["name"]: b["batch_size"] for b in self.manifest.buckets if b.get("batch_size")}
 
     def read_batch(self, planned: PlannedBatch) -> dict[str, torch.Tensor]:
-        samples = [read_sample(self._reader, self.rows.row(row)) for row in planned.rows]
+        samples = [read_sample(self._reader, self.index.row(row)) for row in planned.rows]
         with_image = ["noisy" in sample for sample in samples]
         if any(with_image) and not all(with_image):
             raise CogtuneError(f"{self.store / INDEX}: rows with and without image latents in one bucket")
