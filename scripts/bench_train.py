@@ -67,6 +67,7 @@ from cogtune.train.checks import check_run
 from cogtune.train.config import TrainConfig
 from cogtune.train.math import TrainBatch, rotary_embeddings, training_step
 from cogtune.train.trainer import (
+    CUDA_ALLOCATOR,
     WEIGHT_DTYPES,
     build_transformer,
     make_accelerator,
@@ -395,6 +396,8 @@ def run_variant(args: argparse.Namespace, argv: list[str], name: str, work: Path
     environment = dict(os.environ)
     if args.device == "cpu" and args.malloc_mmap_threshold:
         environment["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    if args.device == "cuda":  # every variant with the CUDA allocator settings a cogtrain run uses
+        environment.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)
     done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode != 0 or not result.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -674,6 +677,8 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
             "latents": list(latent_shape(args)),
             "threads": args.threads if args.device == "cpu" else None,
             "malloc_mmap_threshold": args.malloc_mmap_threshold if args.device == "cpu" else None,
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)
+            if args.device == "cuda" else None,
             "cogtrain_prefetch": train_config(args, Path(), Path(), Path()).prefetch,
         },
         "machine": {

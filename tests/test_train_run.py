@@ -338,3 +338,14 @@ def test_image_to_video_1_5_lora_run_from_a_real_store_loads_into_the_i2v_pipeli
     tuned = generate(pipe)
     assert base.shape == tuned.shape == (1, 4, 16, 6, 10)  # 3 latent frames padded to 4 for 1.5
     assert not np.allclose(base.numpy(), tuned.numpy())
+
+
+def test_runs_use_expandable_cuda_segments_unless_the_user_chose_settings(monkeypatch):
+    from cogtune.train.trainer import use_cuda_allocator_defaults
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    use_cuda_allocator_defaults()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    use_cuda_allocator_defaults()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 """Dtype of the frozen weights per --mixed-precision (trained weights are always float32)."""
 OUTPUT_KIND = {"lora": "lora", "sft": "full"}
 """What train.outputs calls each --mode's output."""
+CUDA_ALLOCATOR = "expandable_segments:True"
+"""PyTorch's CUDA allocator settings for a run, unless PYTORCH_CUDA_ALLOC_CONF is set: segments that grow in
+place, so that activations of changing sizes (buckets, the recompute of each block) do not strand reserved
+memory in blocks of the wrong size."""
 
 
 @dataclass
@@ -167,8 +172,14 @@ def to_train_batch(batch: dict[str, torch.Tensor], device: torch.device, embed_d
 # the run
 
 
+def use_cuda_allocator_defaults() -> None:
+    """Set `CUDA_ALLOCATOR` unless the user chose settings; PyTorch reads them when CUDA first allocates."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run the checks, then train; on every rank of a launch (torchrun / accelerate launch) or alone."""
+    use_cuda_allocator_defaults()
     inputs = check_run(config)
     accelerator = make_accelerator(config)
     try:
