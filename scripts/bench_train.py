@@ -47,7 +47,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,9 @@ from cogtune.train.trainer import (
 )
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 from diffusers.utils import logging as diffusers_logging
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import T5Config, T5EncoderModel
 from typer.testing import CliRunner
 
@@ -587,36 +592,47 @@ SETUPS = {"bare": setup_bare, "cogtrain": setup_cogtrain, "baseline": setup_base
 
 
 def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Build the model on the meta device as cogtrain would (LoRA, dtypes, checkpointing) and run one training
-    step at the benchmark's shape there: the configs and shapes are checked, nothing is allocated."""
+    """Build the model on the meta device as cogtrain would (LoRA, dtypes, checkpointing, offloading) and take
+    two optimizer steps at the benchmark's shape there: the configs and shapes are checked, nothing is
+    allocated, and `MetaMemory` counts what the device would hold."""
     folder = make_model_folder(args, work)
     model = bench_model(args, folder, "meta")
     config = train_config(args, folder, work / STORE, work / "run")
     transformer = build_transformer(config, model)
     vae, text_encoder = model.load_vae(torch.bfloat16), model.load_text_encoder(torch.bfloat16)
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, trained)
     frames, height, width = latent_shape(args)
     tc = transformer.config
     latents = (args.batch_size, tc.out_channels, frames, height, width)
     text = (args.batch_size, tc.max_text_seq_length, tc.text_embed_dim)
-    batch = TrainBatch(latent_mean=torch.empty(latents, device="meta"),
-                       latent_logvar=torch.empty(latents, device="meta"),
-                       prompt_embeds=torch.empty(text, device="meta", dtype=embed_dtype(config)))
-    loss = training_step(transformer, model.load_scheduler(), batch,
-                         vae_scaling_factor=model.config("vae")["scaling_factor"], invert_scale_latents=False)
-    loss.backward()
-    trained = [p for p in transformer.parameters() if p.requires_grad]
+    memory = MetaMemory([*transformer.parameters(), *transformer.buffers()])
+    with memory, flash_attention_on_meta():
+        for _ in range(2):  # the second step holds the optimizer state the first one made
+            batch = TrainBatch(latent_mean=torch.empty(latents, device="meta", dtype=torch.bfloat16),
+                               latent_logvar=torch.empty(latents, device="meta", dtype=torch.bfloat16),
+                               prompt_embeds=torch.empty(text, device="meta", dtype=embed_dtype(config)))
+            before_forward = memory.live
+            loss = training_step(transformer, model.load_scheduler(), batch,
+                                 vae_scaling_factor=model.config("vae")["scaling_factor"], invert_scale_latents=False)
+            kept_for_backward = memory.live - before_forward
+            loss.backward()
+            with_grad = sum(p.numel() for p in trained if p.grad is not None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del batch, loss
     trained_bytes = sum(p.numel() * p.element_size() for p in trained)
     weights_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    grads = [p for p in trained if p.grad is not None]
     return {
         "arch": args.arch,
         "variant": model.variant.name,
         "shape": f"{args.frames}x{args.height}x{args.width}",
+        "offload_checkpoints": args.offload_checkpoints,
         "latents": list(latents),
         "tokens": frames * (height // tc.patch_size) * (width // tc.patch_size) + tc.max_text_seq_length,
         "transformer_parameters": sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n),
         "trained_parameters": sum(p.numel() for p in trained),
-        "parameters_with_grad_after_backward": sum(p.numel() for p in grads),
+        "parameters_with_grad_after_backward": with_grad,
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
         "static_memory_gb": {
@@ -625,7 +641,67 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "adamw_states": round(2 * trained_bytes / GB, 3),
             "total_before_activations": round((weights_bytes + 3 * trained_bytes) / GB, 3),
         },
+        "meta_device_memory_gb": {
+            "kept_by_the_forward_for_the_backward": round(kept_for_backward / GB, 3),
+            "peak": round(memory.peak / GB, 3),
+            "what_it_is": "every tensor the step's ops make, counted on the meta device with flash attention; "
+                          "not counted: autocast's float32 norm outputs (the weights' dtype here), the CUDA "
+                          "allocator's rounding and caching (reserved is higher), the CUDA context",
+        },
     }
+
+
+class MetaMemory(TorchDispatchMode):
+    """Bytes of meta-device tensors alive, and their peak, counted op by op: a storage counts from the op that
+    makes it until it is freed. What CUDA would allocate for the same ops, before its allocator's rounding
+    and caching. Tensors made before the mode are counted when given to the constructor."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted = WeakIdKeyDictionary()
+        for tensor in tensors:
+            self._count(tensor)
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "meta":  # e.g. --offload-checkpoints' host copies
+            return
+        storage = tensor.untyped_storage()
+        if storage in self._counted:
+            return
+        size = storage.nbytes()
+        self._counted[storage] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._count, out)
+        return out
+
+
+@contextmanager
+def flash_attention_on_meta():
+    """On the meta device `F.scaled_dot_product_attention` takes the math path, which makes a full attention
+    matrix per head (tens of GB at 49x480x720); CUDA runs these shapes with flash attention, which keeps the
+    output and one log-sum-exp per row. Meta-device calls go to the flash kernel's meta function instead."""
+    original = F.scaled_dot_product_attention
+
+    def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or attn_mask is not None or kwargs:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
+                                                                  scale=scale)[0]
+
+    F.scaled_dot_product_attention = flash
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 # ---------------------------------------------------------------------------------------------------------

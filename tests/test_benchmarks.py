@@ -47,3 +47,16 @@ def test_bench_train_builds_the_real_5b_on_the_meta_device(tmp_path):
     assert counts["trained_parameters"] == counts["parameters_with_grad_after_backward"] > 0
     assert counts["latents"] == [1, 16, 13, 60, 90]
     assert 4.6e9 < counts["text_encoder_parameters"] < 4.8e9  # T5-XXL's encoder
+    # the counted peak holds the weights, gradients and AdamW state, and more: the step's activations
+    memory, static = counts["meta_device_memory_gb"], counts["static_memory_gb"]["total_before_activations"]
+    assert static < memory["peak"] < static + 2 * memory["kept_by_the_forward_for_the_backward"]
+    # checkpointing keeps each of the 42 blocks' video-token input: 17,550 x 3072 bfloat16 values apiece
+    assert memory["kept_by_the_forward_for_the_backward"] > 42 * 17550 * 3072 * 2 / 2**30
+
+    offloaded = json.loads(_run("bench_train.py", "--arch", "5b", "--dry-run", "--offload-checkpoints").stdout)
+    # those inputs wait in host memory instead, but the first block's: its memory is shared with the text tokens
+    saved = 41 * 17550 * 3072 * 2 / 2**30
+    kept, offloaded_kept = (m["meta_device_memory_gb"]["kept_by_the_forward_for_the_backward"]
+                            for m in (counts, offloaded))
+    assert saved - 0.01 < kept - offloaded_kept < saved + 0.01
+    assert memory["peak"] - offloaded["meta_device_memory_gb"]["peak"] > saved * 0.8

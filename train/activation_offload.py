@@ -25,6 +25,8 @@ import torch.utils.checkpoint
 def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A detached copy in host memory: pinned and asynchronous from CUDA (the copy back, queued on the same
     stream in the backward pass, runs after it)."""
+    if tensor.device.type == "meta":  # a shape-only run (bench_train.py --dry-run): nothing to copy
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
     if tensor.device.type != "cuda":
         return tensor.detach().to("cpu", copy=True)
     host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
