@@ -108,7 +108,9 @@ def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, t
     ("mode", "options", "weights"),
     [
         # dropout in the LoRA and on captions: resume must restore the global generators and the per-step ones
-        ("lora", ("--lora-dropout", "0.1", "--caption-dropout", "0.5"), "pytorch_lora_weights.safetensors"),
+        # (and the recompute of offloaded checkpoints must draw the LoRA dropout as the forward did)
+        ("lora", ("--lora-dropout", "0.1", "--caption-dropout", "0.5", "--offload-checkpoints"),
+         "pytorch_lora_weights.safetensors"),
         ("sft", ("--batch-size", "1", "--gradient-accumulation-steps", "2", "--learning-rate", "1e-5",
                  "--no-gradient-checkpointing"), "transformer/diffusion_pytorch_model.safetensors"),
     ],
