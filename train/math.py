@@ -234,7 +234,7 @@ def training_step(
         model_input = torch.cat([model_input, condition], dim=2)
         del condition
     model_input = model_input.to(device, dtype)
-    # only the input and the target live on through the forward pass, as in a bare training loop
+    # of what this step made, only the input and the target live on through the forward pass, as in a bare loop
     del x0, noise
 
     prediction = transformer(
