@@ -425,7 +425,7 @@ def run_child(args: argparse.Namespace) -> None:
     host_start = reset_host_peak()  # after every import: code loaded by all variants alike is not counted
     config = train_config(args, args.work / MODEL, args.work / STORE, args.work / "runs" / args.result.stem)
     try:
-        step, close = SETUPS[args.child](args, config, device)
+        step, close, data_waits = SETUPS[args.child](args, config, device)
         try:
             times, cpu_times, loss = measure(step, args.warmup, args.steps, device)
         finally:
@@ -435,6 +435,8 @@ def run_child(args: argparse.Namespace) -> None:
     else:
         result = {"step_s": times, "cpu_s": cpu_times, "final_loss": loss,
                   "memory": peak_memory(device, host_start)}
+        if data_waits:
+            result["data_wait_s"] = data_waits[args.warmup:]
     args.result.write_text(json.dumps(result))
 
 
@@ -530,7 +532,7 @@ def setup_bare(args: argparse.Namespace, config: TrainConfig, device: torch.devi
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step, lambda: None
+    return step, lambda: None, []
 
 
 def setup_cogtrain(args: argparse.Namespace, config: TrainConfig, device: torch.device):
@@ -545,7 +547,14 @@ def setup_cogtrain(args: argparse.Namespace, config: TrainConfig, device: torch.
         batches.close()
         release_accelerator(accelerator)
 
-    return lambda number: stepper.step(number, batches)[0]["loss"], close
+    data_waits: list[float] = []
+
+    def step(number: int) -> float:
+        metrics, _ = stepper.step(number, batches)
+        data_waits.append(metrics["data_wait"])
+        return metrics["loss"]
+
+    return step, close, data_waits
 
 
 def setup_baseline(args: argparse.Namespace, config: TrainConfig, device: torch.device):
@@ -580,11 +589,12 @@ def setup_baseline(args: argparse.Namespace, config: TrainConfig, device: torch.
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step, lambda: None
+    return step, lambda: None, []
 
 
 SETUPS = {"bare": setup_bare, "cogtrain": setup_cogtrain, "baseline": setup_baseline}
-"""Each builds its variant in this process; returns (step(number) -> loss, close())."""
+"""Each builds its variant in this process; returns (step(number) -> loss, close(), the seconds each step
+waited for its data, which cogtrain's step reports)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -730,6 +740,10 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
             "peak_memory_bytes": memory,
             "final_losses": [r["final_loss"] for r in measured],
         }
+        waits = [t for r in measured for t in r.get("data_wait_s", [])]
+        if waits:  # cogtrain: how long its steps waited for the loader
+            variants[name]["data_wait_median_s"] = statistics.median(waits)
+            variants[name]["data_wait_max_s"] = max(waits)
         if len(measured) < len(results):
             variants[name]["rounds_failed"] = [r["skipped"] for r in results if "skipped" in r]
     bare = variants["bare"]
@@ -748,8 +762,9 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
     return {
         "settings": {
             **{key: getattr(args, key) for key in ("arch", "device", "mode", "rank", "frames", "height", "width",
-                                                   "batch_size", "gradient_checkpointing", "offload_checkpoints", "mixed_precision",
-                                                   "caption_dropout", "seed", "steps", "warmup", "rounds")},
+                                                   "batch_size", "gradient_checkpointing", "offload_checkpoints",
+                                                   "mixed_precision", "caption_dropout", "seed", "steps", "warmup",
+                                                   "rounds")},
             "latents": list(latent_shape(args)),
             "threads": args.threads if args.device == "cpu" else None,
             "malloc_mmap_threshold": args.malloc_mmap_threshold if args.device == "cpu" else None,
@@ -800,6 +815,9 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"cogtrain vs bare: median step time {cogtrain['time_ratio']:.3f}x (target <= {TARGET_TIME}): "
               f"{'PASS' if verdicts['time'] else 'FAIL'}; peak memory {cogtrain['memory_ratio']:.3f}x "
               f"(target <= {TARGET_MEMORY}): {'PASS' if verdicts['memory'] else 'FAIL'}")
+    if "data_wait_median_s" in cogtrain:
+        print(f"cogtrain waited for its loader (prefetch {s['cogtrain_prefetch']}): median "
+              f"{cogtrain['data_wait_median_s'] * 1e3:.2f} ms, at most {cogtrain['data_wait_max_s'] * 1e3:.2f} ms a step")
     if "under_18_gb" in verdicts:
         peaks = cogtrain["peak_memory_bytes"]
         line = (f"cogtrain 5b: {peaks['cuda_max_allocated'] / GB:.2f} GB allocated, "

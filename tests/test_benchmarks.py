@@ -35,6 +35,9 @@ def test_bench_train_measures_every_variant(tmp_path):
         assert variant["peak_memory_bytes"]["host_peak_anon_growth"] > 0
         assert all(loss == loss for loss in variant["final_losses"])  # finite, not NaN
     assert set(printed["pass"]) == {"time", "memory"}
+    # cogtrain's steps report how long they waited for the prefetching loader; the other loops have no loader
+    assert printed["variants"]["cogtrain"]["data_wait_median_s"] >= 0
+    assert "data_wait_median_s" not in printed["variants"]["bare"]
     assert printed["settings"]["malloc_mmap_threshold"] == 2**20
 
 

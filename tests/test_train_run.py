@@ -84,6 +84,9 @@ def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, t
     assert all("lora_" in k for k in checkpoint), "a LoRA checkpoint holds the adapter only, not the frozen model"
     logged = losses(run)
     assert sorted(logged) == [1, 2, 3, 4] and all(math.isfinite(v) for v in logged.values())
+    for line in (run / "losses.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        assert 0 <= entry["data_wait"] < entry["step_time"]
     assert (run / "README.md").read_text().strip()
     assert [p.name for p in (run / "validation").iterdir()] == ["step-000004-0.mp4"]
     assert list((run / "logs").rglob("events.out.tfevents.*"))

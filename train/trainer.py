@@ -5,7 +5,7 @@ A run folder (``--out``) holds::
 
     RUN/
       config.yaml                      the resolved config: ``--config RUN/config.yaml`` repeats the run
-      losses.jsonl                     one line per optimizer step: step, loss, lr, grad_norm, epoch (rank 0)
+      losses.jsonl                     one line per optimizer step: step, epoch and the logged metrics (rank 0)
       checkpoints/step-000500/         accelerate state (model, optimizer, lr schedule, RNG) + train_state.json
       logs/                            tensorboard (or nothing, with wandb / none)
       validation/                      validation videos
@@ -221,9 +221,11 @@ class Stepper:
         accumulation = config.gradient_accumulation_steps
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        samples, grad_norm = 0, None
+        samples, grad_norm, data_wait = 0, None, 0.0
         for micro in range(accumulation):
+            waited = time.perf_counter()
             batch, position = next(batches)
+            data_wait += time.perf_counter() - waited
             generator = step_generator(config.seed, accelerator.process_index, (step - 1) * accumulation + micro,
                                        device)
             train_batch = to_train_batch(batch, device, self.embed_dtype)
@@ -251,6 +253,7 @@ class Stepper:
             "lr": self.lr_scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "step_time": seconds,
+            "data_wait": data_wait,  # of step_time, waiting for the loader: near 0 unless storage is too slow
             "samples_per_s": totals[1].item() / seconds,
         }
         if device.type == "cuda":  # not on a CUDA machine told --device cpu
