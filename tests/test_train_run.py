@@ -102,6 +102,21 @@ def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, t
     assert sorted(losses(run)) == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("mode", ["lora", "sft"])
+def test_fp16_mixed_precision_trains(store, tiny_models, tmp_path, mode):
+    run = tmp_path / "run"
+    # FAST's --mixed-precision no is overridden: the last option given wins
+    cogtrain(store, tiny_models["5b"], run, "--mode", mode, "--max-steps", "2", "--mixed-precision", "fp16",
+             "--learning-rate", "1e-4")
+    assert TrainConfig.from_file(run / "config.yaml").mixed_precision == "fp16"
+    logged = losses(run)
+    assert sorted(logged) == [1, 2] and all(math.isfinite(v) for v in logged.values())
+    weights = (run / "pytorch_lora_weights.safetensors" if mode == "lora"
+               else run / "transformer" / "diffusion_pytorch_model.safetensors")
+    # trained weights stay float32 under fp16 autocast (LoRA: the adapter; sft: every weight)
+    assert {tensor.dtype for tensor in load_file(weights).values()} == {torch.float32}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # exact resume
 
