@@ -117,6 +117,38 @@ def test_fp16_mixed_precision_trains(store, tiny_models, tmp_path, mode):
     assert {tensor.dtype for tensor in load_file(weights).values()} == {torch.float32}
 
 
+def scheduled_lrs(name: str, learning_rate: float, warmup: int, steps: int) -> list[float]:
+    """The learning rate after each of `steps` optimizer steps, as diffusers' `get_scheduler` gives it alone."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    return lrs
+
+
+def logged_lrs(run: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (run / "losses.jsonl").read_text().splitlines()]
+
+
+def test_epochs_set_the_step_count_and_the_lr_schedule_follows_it(store, tiny_models, tmp_path):
+    from cogtune.train.data import StoreLoader
+
+    run = tmp_path / "run"
+    # two micro-batches per optimizer step: the schedule moves once per optimizer step, not per batch
+    cogtrain(store, tiny_models["5b"], run, "--epochs", "2", "--batch-size", "1", "--gradient-accumulation-steps",
+             "2", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--learning-rate", "1e-3")
+    batches_per_epoch = StoreLoader.from_store(store, 1).steps_per_epoch
+    steps = 2 * math.ceil(batches_per_epoch / 2)
+    assert steps >= 4
+    assert sorted(losses(run)) == list(range(1, steps + 1))
+    assert logged_lrs(run) == pytest.approx(scheduled_lrs("cosine", 1e-3, 2, steps))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # exact resume
 
@@ -151,6 +183,19 @@ def test_resume_reproduces_the_uninterrupted_run(store, tiny_models, tmp_path, m
     for step in ("step-000003", "step-000006"):
         assert_same_tensors(whole / "checkpoints" / step / "model.safetensors",
                             resumed / "checkpoints" / step / "model.safetensors")
+
+
+def test_resume_from_an_explicit_checkpoint_retrains_what_followed_it(store, tiny_models, tmp_path):
+    run, model = tmp_path / "run", tiny_models["5b"]
+    cogtrain(store, model, run, "--max-steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    first = losses(run)
+    # not the latest checkpoint (step 2): the one named
+    cogtrain(store, model, run, "--max-steps", "3", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+             "--resume", str(run / "checkpoints" / "step-000001"))
+    again = losses(run)
+    assert json.loads((run / "summary.json").read_text())["steps_this_run"] == 2  # steps 2 and 3, not 3 alone
+    assert sorted(again) == [1, 2, 3]
+    assert again[1] == first[1] and again[2] == first[2]  # step 2 trained again from step 1's state, the same
 
 
 @pytest.mark.slow
@@ -257,7 +302,8 @@ def test_two_processes_take_the_same_steps_and_end_with_the_same_weights(store, 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         "-m", "cogtune.train.cli", "run", "--store", str(store), "--model", str(tiny_models["5b"]),
-        "--out", str(run), *FAST, "--max-steps", "3", "--checkpoint-every", "2",
+        "--out", str(run), *FAST, "--max-steps", "3", "--checkpoint-every", "2", "--lr-scheduler", "linear",
+        "--lr-warmup-steps", "2", "--learning-rate", "1e-3",
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -268,6 +314,8 @@ def test_two_processes_take_the_same_steps_and_end_with_the_same_weights(store, 
     first, second = summary["trained_weights_sha256_per_rank"]
     assert first == second
     assert sorted(losses(run)) == [1, 2, 3]
+    # the schedule a single process would follow, though accelerate steps it once per process
+    assert logged_lrs(run) == pytest.approx(scheduled_lrs("linear", 1e-3, 2, 3))
     for checkpoint in ("step-000002", "step-000003"):  # each rank's own generator states
         names = {p.name for p in (run / "checkpoints" / checkpoint).iterdir()}
         assert {"rng.safetensors", "rng.rank1.safetensors", "train_state.json", "model.safetensors"} <= names
