@@ -239,6 +239,18 @@ def model_with_other_vae_config(tiny_models, tmp_path) -> Path:
     return path
 
 
+def test_refuses_an_option_whose_package_is_missing(store, tiny_models, tmp_path, monkeypatch):
+    import importlib.util
+
+    from cogtune.train import checks
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(checks, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    out = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], out, "--max-steps", "1", "--report-to", "wandb", expect=2)
+    assert_refused(result, out, "--report-to wandb needs the wandb package: pip install 'cogtune[wandb]'")
+
+
 def test_refuses_a_store_made_with_another_variant(store, tiny_models, tmp_path):
     out = tmp_path / "run"
     result = cogtrain(store, tiny_models["2b"], out, "--max-steps", "1", expect=2)
