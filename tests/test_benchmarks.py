@@ -63,3 +63,19 @@ def test_bench_train_builds_the_real_5b_on_the_meta_device(tmp_path):
                             for m in (counts, offloaded))
     assert saved - 0.01 < kept - offloaded_kept < saved + 0.01
     assert memory["peak"] - offloaded["meta_device_memory_gb"]["peak"] > saved * 0.8
+
+
+@pytest.mark.slow
+def test_bench_prep_measures_every_stage(tmp_path):
+    result = tmp_path / "bench.json"
+    done = _run("bench_prep.py", "--clips", "2", "--frames", "9", "--height", "32", "--width", "48",
+                "--noop-entries", "50", "--json-out", str(result))
+    measured = json.loads(result.read_text())
+    assert "wall / slower stage" in done.stdout  # the readable table
+    for stage in ("a_full_encode_clips_per_s", "b_decode_only_clips_per_s", "c_encode_only_clips_per_s",
+                  "c_pack_only_clips_per_s"):
+        assert measured[stage] > 0, stage
+    assert measured["d_wall_over_slower_stage"] > 0 and 0 < measured["e_noop_rerun_s"]
+    sizes = measured["f_bytes_per_sample"]
+    # the store really is smaller than the naive layout at real size, and gzip takes something off
+    assert sizes["cogvideox_5b_ratio"] < sizes["cogvideox_5b_ratio_uncompressed"] < 1
