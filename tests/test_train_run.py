@@ -251,6 +251,14 @@ def test_refuses_an_option_whose_package_is_missing(store, tiny_models, tmp_path
     assert_refused(result, out, "--report-to wandb needs the wandb package: pip install 'cogtune[wandb]'")
 
 
+def test_refuses_a_lora_target_that_names_no_module(store, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    # to_q and to_v exist: peft alone would train those two and skip the typo without a word
+    result = cogtrain(store, tiny_models["5b"], out, "--max-steps", "1", "--target-modules", "to_q,to_kk,to_v",
+                      expect=2)
+    assert_refused(result, out, "--target-modules to_kk: no module of the transformer is called that")
+
+
 def test_refuses_a_store_made_with_another_variant(store, tiny_models, tmp_path):
     out = tmp_path / "run"
     result = cogtrain(store, tiny_models["2b"], out, "--max-steps", "1", expect=2)

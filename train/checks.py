@@ -1,6 +1,6 @@
 """cogtrain's start-up checks: every refusal a run can meet, each a one-line `CogtuneError` raised before
 anything is written in the run folder (another model's store, a stale dataset, a size the model cannot train at,
-a missing optional package, a run folder already in use)."""
+a missing optional package, a LoRA target that names no module, a run folder already in use)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..shared import store as S
 from ..shared.errors import CogtuneError
 from ..shared.models import Model, open_model
 from .checkpoints import find_resume_checkpoint
-from .config import TrainConfig
+from .config import DEFAULT_TARGET_MODULES, TrainConfig
 
 TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
 """What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
@@ -47,6 +47,7 @@ def check_run(config: TrainConfig) -> RunInputs:
     model = open_model(config.model, TRAIN_COMPONENTS)
     check_model_matches_store(model, manifest, config.store)
     check_native_size(model, manifest, config.store)
+    check_target_modules(config, model)
     if not config.allow_stale:
         check_dataset_current(config, manifest)
     return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
@@ -90,6 +91,25 @@ def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
         raise CogtuneError(
             f"{store}: bucket {', '.join(other)}: {model.variant.name} has learned positional embeddings that "
             f"exist only at its native {height}x{width}; re-encode at that resolution"
+        )
+
+
+def check_target_modules(config: TrainConfig, model: Model) -> None:
+    """Every --target-modules name must name a module of the transformer. peft refuses only a list of which no
+    name matches; a typo beside good names would train fewer layers than asked, without a word."""
+    if config.mode != "lora":
+        return
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):  # the module names only: nothing allocated, no weights read
+        transformer = CogVideoXTransformer3DModel.from_config(model.config("transformer"))
+    names = [name for name, _ in transformer.named_modules()]
+    # peft's rule for a list of names: the whole module name, or its last dotted parts
+    missing = [t for t in config.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise CogtuneError(
+            f"--target-modules {','.join(missing)}: no module of the transformer is called that "
+            f"(the attention projections are {','.join(DEFAULT_TARGET_MODULES)})"
         )
 
 
