@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from .errors import CogtuneError
+from .errors import CogtuneError, exit_on_user_error
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -40,6 +40,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+@exit_on_user_error  # it runs while click parses, before the command's own wrapper
 def apply_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
     """Eager click callback for ``--config``: load the file and make its keys the command's defaults."""
     if value is None:
@@ -48,7 +49,7 @@ def apply_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | N
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}", param_hint="--config")
+        raise CogtuneError(f"{value}: unknown option(s) {', '.join(unknown)}")
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 

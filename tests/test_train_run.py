@@ -383,7 +383,17 @@ def test_unknown_config_keys_are_refused(tmp_path):
     config_file = tmp_path / "train.yaml"
     config_file.write_text("store: s\nmodel: m\nout: o\nlearning_rat: 1\n")
     result = CliRunner().invoke(train_cli.app, ["run", "--config", str(config_file)])
-    assert result.exit_code == 2 and "learning_rat" in result.output
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: {config_file}: unknown option(s) learning_rat"]
+
+
+def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path):
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("store: [unclosed\n")
+    result = CliRunner().invoke(train_cli.app, ["run", "--config", str(config_file)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {config_file}: not a valid config file"), lines
 
 
 @pytest.mark.slow
