@@ -43,3 +43,19 @@ def test_make_tiny_model_script(tmp_path):
     r = subprocess.run([sys.executable, str(script), "--variant", "7b", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("module", ["cogtune.preprocess.cli", "cogtune.train.cli"])
+def test_every_option_of_every_command_has_help(module):
+    import importlib
+
+    import typer
+
+    group = typer.main.get_command(importlib.import_module(module).app)
+    assert group.commands
+    for name, command in group.commands.items():
+        assert (command.help or "").strip(), f"{name}: no help"
+        options = [param for param in command.params if param.param_type_name == "option"]
+        assert options, name
+        for option in options:
+            assert (option.help or "").strip(), f"{name} --{option.name}: no help"
