@@ -15,6 +15,7 @@ from cogtune.shared.models import open_model
 from cogtune.shared.store import Manifest, write_extras
 from cogtune.shared.video import read_frames, read_video_info
 from cogtune.shared.zoo import TINY_NATIVE
+from cogtune.train.config import TrainConfig
 from cogtune.train.math import (
     TrainBatch,
     ofs_tensor,
@@ -281,6 +282,43 @@ def test_validation_renders_text_to_video_from_the_store(tiny_models, demo_datas
     # fixed noise: unchanged weights give the same video at every step, so steps can be compared
     assert np.array_equal(read_frames(first[0], range(9)), read_frames(second[0], range(9)))
     assert not np.array_equal(read_frames(first[0], range(9)), read_frames(first[1], range(9)))
+
+
+def test_validation_on_a_rank_that_does_not_write_generates_and_writes_nothing(tiny_models, demo_dataset,
+                                                                               tmp_path, monkeypatch):
+    from cogtune.train import validation
+
+    model = open_model(tiny_models["5b"])
+    store = encoded_store(demo_dataset, model.path, tmp_path / "store")
+    generated = []
+    real_generate = validation._generate
+    monkeypatch.setattr(validation, "_generate", lambda *a: generated.append(a[2]) or real_generate(*a))
+    paths = run_validation(model.load_transformer(), model, store, tmp_path / "run", 1, device="cpu",
+                           dtype=torch.float32, seed=0, num_inference_steps=2, num_frames=9, height=32, width=32,
+                           write=False)
+    assert paths == [] and not (tmp_path / "run").exists()
+    assert generated == [0, 1]  # both prompts generated: under FSDP or ZeRO-3 the forward passes are collectives
+
+
+@pytest.mark.parametrize(("sharded", "main", "runs", "writes"),
+                         [(False, True, True, True), (False, False, False, False),
+                          (True, True, True, True), (True, False, True, False)])
+def test_validate_runs_on_every_rank_only_when_the_weights_are_sharded(monkeypatch, tmp_path, sharded, main, runs,
+                                                                       writes):
+    from types import SimpleNamespace
+
+    from cogtune.train import trainer, validation
+
+    calls = []
+    monkeypatch.setattr(validation, "run_validation", lambda *a, **k: calls.append(k["write"]) or [])
+    monkeypatch.setattr(trainer, "weights_are_sharded", lambda accelerator: sharded)
+    waited = []
+    accelerator = SimpleNamespace(is_main_process=main, device="cpu", unwrap_model=lambda m: m,
+                                  wait_for_everyone=lambda: waited.append(True))
+    config = TrainConfig(store=tmp_path, model="m", out=tmp_path / "run", validation_steps=2)
+    trainer.validate(config, accelerator, torch.nn.Module(), None, 1, (9, 32, 32))
+    assert calls == ([writes] if runs else [])
+    assert waited == [True]  # every rank meets the others afterwards
 
 
 def test_validation_renders_image_to_video_at_the_first_bucket(tiny_models, demo_dataset, tmp_path):

@@ -367,9 +367,14 @@ def most_common_bucket(manifest: S.Manifest) -> tuple[int, int, int]:
 
 def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, step: int,
              size: tuple[int, int, int]) -> None:
-    """Validation videos from rank 0 (the others wait). The generators are put back afterwards, so a run
-    with validation trains exactly as one without."""
-    if accelerator.is_main_process:
+    """Validation videos written by rank 0. The generators are put back afterwards, so a run with validation
+    trains exactly as one without.
+
+    With whole weights on every rank (one process, DDP) rank 0 generates alone and the others wait. With
+    sharded weights (FSDP, ZeRO-3) every forward pass gathers each layer from all ranks, a collective they must
+    all take part in, so every rank generates the same videos and rank 0 alone writes them.
+    """
+    if accelerator.is_main_process or weights_are_sharded(accelerator):
         from .validation import run_validation
 
         frames, height, width = size
@@ -378,7 +383,7 @@ def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_inf
             run_validation(accelerator.unwrap_model(model), model_info, config.store, config.out, step,
                            device=accelerator.device, dtype=WEIGHT_DTYPES[config.mixed_precision], seed=config.seed,
                            num_inference_steps=config.validation_steps, num_frames=frames, height=height,
-                           width=width)
+                           width=width, write=accelerator.is_main_process)
         finally:
             generators.restore()
     accelerator.wait_for_everyone()

@@ -43,10 +43,12 @@ def run_validation(
     num_frames: int | None,
     height: int | None,
     width: int | None,
+    write: bool = True,
 ) -> list[Path]:
     """Render one video per validation prompt of `store` to ``out_dir/validation/step-XXXXXX-{i}.mp4``.
 
-    Returns the paths written; [] when the store has no validation prompts. `num_frames`, `height` and `width`
+    Returns the paths written; [] when the store has no validation prompts, or with `write` False (a rank that
+    takes part in the generation of sharded weights but leaves the writing to rank 0). `num_frames`, `height` and `width`
     default to the store's first bucket. Every prompt starts from the same noise (`seed`) at every step, so
     videos of different steps differ only by what training changed. The transformer is put in eval mode for
     generation and given back in the mode it came in.
@@ -75,9 +77,10 @@ def run_validation(
         paths = []
         for i in range(len(prompts)):
             frames = _generate(pipe, tensors, i, images, size, device, dtype, seed, num_inference_steps)
-            path = Path(out_dir) / "validation" / f"step-{step:06d}-{i}.mp4"
-            write_video(path, frames, fps=model.variant.fps)
-            paths.append(path)
+            if write:
+                path = Path(out_dir) / "validation" / f"step-{step:06d}-{i}.mp4"
+                write_video(path, frames, fps=model.variant.fps)
+                paths.append(path)
     finally:
         net.train(was_training)
         del pipe, vae
