@@ -63,11 +63,7 @@ def run_validation(
     was_training = net.training
     vae = model.load_vae(dtype).to(device)
     _, frame_height, frame_width = size
-    if frame_height >= vae.config.sample_height and frame_width >= vae.config.sample_width:
-        # decoding a full-size video untiled takes more memory than the training step; frames smaller than the
-        # VAE's sample size (which its tiles are cut from) need no tiling, and would leave remainder tiles too
-        # small for the VAE's convolutions
-        vae.enable_tiling()
+    tile_large_frames(vae, frame_height, frame_width)
     pipe = model.pipeline_class()(
         tokenizer=None, text_encoder=None, vae=vae, transformer=net, scheduler=model.load_scheduler()
     )
@@ -88,6 +84,19 @@ def run_validation(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return paths
+
+
+def tile_large_frames(vae, height: int, width: int) -> bool:
+    """Turn on the VAE's spatial tiling for frames of at least its sample size; returns whether it did.
+
+    A full-size video through the VAE untiled takes more memory than the training step. Frames smaller than the
+    sample size (which the tiles are cut from) need no tiling, and would leave remainder tiles too small for
+    the VAE's convolutions.
+    """
+    if height >= vae.config.sample_height and width >= vae.config.sample_width:
+        vae.enable_tiling()
+        return True
+    return False
 
 
 def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_inference_steps) -> np.ndarray:
