@@ -274,6 +274,7 @@ def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSetting
     x = frames.permute(3, 0, 1, 2).unsqueeze(0).to(device, compute) / 127.5 - 1.0
     with torch.no_grad():
         posterior = vae.encode(x).latent_dist
+    check_latent_shape(vae, tuple(frames.shape[:3]), tuple(posterior.mean.shape[2:]), job.path)
     members: dict[str, Any] = {
         S.LATENT: {"mean": posterior.mean[0].to(storage).cpu(), "logvar": posterior.logvar[0].to(storage).cpu()},
         S.META: json.dumps({"source": str(job.path), "bucket": job.bucket.name, "clip_start": job.window.start,
@@ -282,6 +283,19 @@ def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSetting
     if settings.image_noise_variants > 0:
         members[S.IMAGE] = encode_image_variants(vae, decoded["image"], job.key, settings, device, compute, storage)
     return members
+
+
+def check_latent_shape(vae, pixels: tuple[int, int, int], latents: tuple[int, ...], source: Path) -> None:
+    """The VAE must give (F-1)/4+1 latent frames of H/8 x W/8 for F x H x W pixels, as the pipelines assume.
+    Its tiled encode can miss by a row or column (seen with small tile sizes): refuse before caching that."""
+    temporal = vae.config.temporal_compression_ratio
+    spatial = 2 ** (len(vae.config.block_out_channels) - 1)
+    frames, height, width = pixels
+    expected = ((frames - 1) // temporal + 1, height // spatial, width // spatial)
+    if latents != expected:
+        hint = ": encode without --vae-tiling" if getattr(vae, "use_tiling", False) else ""
+        raise CogtuneError(f"{source}: the VAE gave latents of {'x'.join(map(str, latents))} for "
+                           f"{'x'.join(map(str, pixels))} pixels, expected {'x'.join(map(str, expected))}{hint}")
 
 
 def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSettings, device, compute, storage):

@@ -467,8 +467,8 @@ def setup_cogtrain(args: argparse.Namespace, config: TrainConfig, device: torch.
 
 
 def setup_baseline(args: argparse.Namespace, config: TrainConfig, device: torch.device):
-    """The peers' step without a cache: VAE.encode of the clip (sliced, and tiled at full size, as their
-    scripts run it) and T5 on its prompt, then the training step (the same math as cogtrain's,
+    """The peers' step without a cache: VAE.encode of the clip (sliced, and for 5b tiled, as their scripts
+    run it) and T5 on its prompt, then the training step (the same math as cogtrain's,
     `training_step`), clipping and the optimizer step.
 
     The VAE and T5 run as cogprep runs them: bfloat16 on CUDA, float32 on the CPU.
@@ -477,9 +477,11 @@ def setup_baseline(args: argparse.Namespace, config: TrainConfig, device: torch.
     transformer, trained, optimizer = transformer_and_optimizer(config, model, device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = model.load_vae(compute).to(device)
-    # as the peers' CogVideoX scripts are run (--enable_slicing --enable_tiling): the full-size encode fits
+    # as the peers' CogVideoX scripts are run (--enable_slicing --enable_tiling), so that the full-size encode
+    # fits; the tiny VAE's tiles (a quarter of 64x96) are too small to tile correctly, so it stays untiled
     vae.enable_slicing()
-    tile_large_frames(vae, args.height, args.width)
+    if args.arch == "5b":
+        tile_large_frames(vae, args.height, args.width)
     text_encoder, tokenizer = model.load_text_encoder(compute).to(device), model.load_tokenizer()
     scheduler, vae_config = model.load_scheduler(), model.config("vae")
     generator = torch.Generator().manual_seed(config.seed)

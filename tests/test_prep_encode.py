@@ -201,3 +201,21 @@ def test_a_store_of_another_format_version_is_refused_and_left_as_it_was(dataset
     result = encode(dataset, tiny_models["5b"], store, expect=2)
     assert "store format version 1, this cogtune reads 2: encode the dataset again into a new folder" in result.output
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file() and S.CACHE_DIR not in p.parts} == before
+
+
+def test_latents_of_the_wrong_shape_are_refused_before_they_are_cached(tiny_models, tmp_path):
+    """The tiny VAE's tiled encode (tiles of 32x48) misses by rows and columns at 192x288: the store must not
+    take such latents, whatever their source."""
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    (data / "videos.txt").write_text("")
+    (data / "prompts.txt").write_text("")
+    add_clip(data, "big.mp4", "a big random clip", frames=9, height=192, width=288)
+    result = encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x192x288", "--vae-tiling",
+                    expect=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "big.mp4: the VAE gave latents of 3x" in errors[0], result.stderr
+    assert errors[0].endswith("for 9x192x288 pixels, expected 3x24x36: encode without --vae-tiling")
+    assert not (tmp_path / "store" / S.INDEX).exists()
+    encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x192x288")  # untiled: the right shape
+    assert S.read_index(tmp_path / "store")[0]["bucket"] == "9x192x288"
