@@ -282,6 +282,8 @@ def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSetting
     }
     if settings.image_noise_variants > 0:
         members[S.IMAGE] = encode_image_variants(vae, decoded["image"], job.key, settings, device, compute, storage)
+        image = decoded["image"]  # uint8 [H, W, 3]
+        check_latent_shape(vae, (1, *image.shape[:2]), tuple(members[S.IMAGE]["clean"].shape[1:]), job.path)
     return members
 
 
