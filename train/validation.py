@@ -47,9 +47,9 @@ def run_validation(
 ) -> list[Path]:
     """Render one video per validation prompt of `store` to ``out_dir/validation/step-XXXXXX-{i}.mp4``.
 
-    Returns the paths written; [] when the store has no validation prompts, or with `write` False (a rank that
-    takes part in the generation of sharded weights but leaves the writing to rank 0). `num_frames`, `height` and `width`
-    default to the store's first bucket. Every prompt starts from the same noise (`seed`) at every step, so
+    Returns the paths written; [] when the store has no validation prompts, or with `write` False (a rank
+    that takes part in generating with sharded weights and leaves the writing to rank 0). `num_frames`,
+    `height` and `width` default to the store's first bucket. Every prompt starts from the same noise (`seed`) at every step, so
     videos of different steps differ only by what training changed. The transformer is put in eval mode for
     generation and given back in the mode it came in.
     """
@@ -86,8 +86,8 @@ def run_validation(
     return paths
 
 
-def tile_large_frames(vae, height: int, width: int) -> bool:
-    """Turn on the VAE's spatial tiling for frames of at least its sample size; returns whether it did.
+def tile_large_frames(vae, height: int, width: int) -> None:
+    """Turn on the VAE's spatial tiling for frames of at least its sample size.
 
     A full-size video through the VAE untiled takes more memory than the training step. Frames smaller than the
     sample size (which the tiles are cut from) need no tiling, and would leave remainder tiles too small for
@@ -95,8 +95,6 @@ def tile_large_frames(vae, height: int, width: int) -> bool:
     """
     if height >= vae.config.sample_height and width >= vae.config.sample_width:
         vae.enable_tiling()
-        return True
-    return False
 
 
 def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_inference_steps) -> np.ndarray:
