@@ -459,7 +459,7 @@ def setup_cogtrain(args: argparse.Namespace, config: TrainConfig, device: torch.
     data_waits: list[float] = []
 
     def step(number: int) -> float:
-        metrics, _ = stepper.step(number, batches)
+        metrics, _, _ = stepper.step(number, batches)
         data_waits.append(metrics["data_wait"])
         return metrics["loss"]
 

@@ -40,3 +40,24 @@ def demo_txt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("demo") / "txt"
     make_demo_dataset(path, count=5, seed=1, layout="txt")
     return path
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tmp_path_factory) -> Path:
+    """The trainer tests' 4-clip demo dataset (txt layout), shared read-only."""
+    path = tmp_path_factory.mktemp("train-demo") / "data"
+    make_demo_dataset(path, count=4, seed=1, layout="txt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_store(train_dataset, tiny_models, tmp_path_factory) -> Path:
+    """A real store for the trainer tests: cogprep encode of `train_dataset` on the tiny 5b, with one validation
+    prompt. Shared read-only."""
+    from prep_helpers import encode
+
+    folder = tmp_path_factory.mktemp("train-store")
+    prompts = folder / "validation.txt"
+    prompts.write_text("a red circle moving left to right over a blue background\n")
+    encode(train_dataset, tiny_models["5b"], folder / "store", "--validation-prompts", prompts)
+    return folder / "store"

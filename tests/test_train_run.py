@@ -6,63 +6,30 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from cogtune.shared import store as S
-from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.models import open_model
 from cogtune.train import cli as train_cli
 from cogtune.train.config import TrainConfig
 from prep_helpers import add_clip, encode
 from safetensors.torch import load_file
 from store_builder import build_random_store
+from train_helpers import assert_same_tensors, cogtrain, cogtrain_command, launch, losses
 from typer.testing import CliRunner
 
-FAST = ("--mixed-precision", "no", "--report-to", "none", "--no-progress", "--rank", "4")
-"""Options every test run takes: float32 on the CPU, no tracker, no bar, a small adapter."""
+
+@pytest.fixture
+def dataset(train_dataset) -> Path:
+    return train_dataset
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("train-demo") / "data"
-    make_demo_dataset(path, count=4, seed=1, layout="txt")
-    return path
-
-
-@pytest.fixture(scope="module")
-def store(dataset, tiny_models, tmp_path_factory) -> Path:
-    """A real store: cogprep encode of the demo dataset on the tiny 5b, with one validation prompt."""
-    folder = tmp_path_factory.mktemp("train-store")
-    prompts = folder / "validation.txt"
-    prompts.write_text("a red circle moving left to right over a blue background\n")
-    encode(dataset, tiny_models["5b"], folder / "store", "--validation-prompts", prompts)
-    return folder / "store"
-
-
-def cogtrain(store: Path, model: Path, out: Path, *args: str, expect: int = 0):
-    """`cogtrain run` in this process; returns the click Result."""
-    argv = ["run", "--store", store, "--model", model, "--out", out, *FAST, *args]
-    result = CliRunner().invoke(train_cli.app, [str(a) for a in argv])
-    assert result.exit_code == expect, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-    return result
-
-
-def losses(run: Path) -> dict[int, float]:
-    lines = (run / "losses.jsonl").read_text().splitlines()
-    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    first, second = load_file(a), load_file(b)
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), f"{a.name}: {name} differs"
+@pytest.fixture
+def store(train_store) -> Path:
+    return train_store
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,24 +277,12 @@ def test_refuses_a_used_run_folder_without_resume(store, tiny_models, tmp_path):
 # two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_take_the_same_steps_and_end_with_the_same_weights(store, tiny_models, tmp_path):
     run = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-        "-m", "cogtune.train.cli", "run", "--store", str(store), "--model", str(tiny_models["5b"]),
-        "--out", str(run), *FAST, "--max-steps", "3", "--checkpoint-every", "2", "--lr-scheduler", "linear",
-        "--lr-warmup-steps", "2", "--learning-rate", "1e-3",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch(cogtrain_command(store, tiny_models["5b"], run, "--max-steps", "3", "--checkpoint-every", "2",
+                            "--lr-scheduler", "linear", "--lr-warmup-steps", "2", "--learning-rate", "1e-3",
+                            processes=2))
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps_per_rank"] == [3, 3]

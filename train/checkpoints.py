@@ -115,7 +115,8 @@ def resume(accelerator, model: torch.nn.Module, loader: StoreLoader, checkpoint:
 
         with safe_open(str(weights), framework="pt") as f:
             saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        if saved != checkpoint_shapes(model, mode):
+        # accelerate saves the unwrapped model's names (no DDP "module." prefix)
+        if saved != checkpoint_shapes(accelerator.unwrap_model(model), mode):
             raise CogtuneError(
                 f"{checkpoint}: its weights do not fit this run (another --mode, --rank, --target-modules or "
                 f"number of processes): resume with the settings it was made with"

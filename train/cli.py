@@ -60,12 +60,16 @@ def run_parameters() -> list[inspect.Parameter]:
 @exit_on_user_error
 def run(**options: Any) -> None:
     """Fine-tune MODEL on the cached tensors of STORE; weights, checkpoints and logs go to OUT."""
+    from .preemption import EXIT_PREEMPTED, Preempted
     from .trainer import train
 
     options.pop("config")
     if not options["progress"]:
         quiet_hub_progress_bars()
-    train(TrainConfig(**options))
+    try:
+        train(TrainConfig(**options))
+    except Preempted:  # the trainer has said so on the main process
+        raise SystemExit(EXIT_PREEMPTED) from None
 
 
 run.__signature__ = inspect.Signature(run_parameters())  # type: ignore[attr-defined]

@@ -45,6 +45,7 @@ from .checks import RunInputs, check_run
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .math import TrainBatch, drop_captions, training_step
+from .preemption import Preempted, StopSignals
 from .state import RngStates
 
 LOSSES = "losses.jsonl"
@@ -211,10 +212,11 @@ class Stepper:
         # listed once: walking every parameter of a 5B model each step costs time for nothing
         self.trained = [p for p in self.model.parameters() if p.requires_grad]
 
-    def step(self, step: int, batches) -> tuple[dict[str, float], dict[str, Any]]:
+    def step(self, step: int, batches, stop_requested: bool = False) -> tuple[dict[str, float], dict[str, Any], bool]:
         """Optimizer step `step` (from 1) over the next --gradient-accumulation-steps batches.
 
-        Returns the metrics (loss averaged over ranks and batches) and the data position after the step.
+        Returns the metrics (loss averaged over ranks and batches), the data position after the step, and
+        whether any rank had `stop_requested` (a stop signal): every rank gets the same answer at the same step.
         """
         config, accelerator = self.config, self.accelerator
         device, world = accelerator.device, accelerator.num_processes
@@ -245,8 +247,9 @@ class Stepper:
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             samples += batch["mean"].shape[0]
-        # one collective for both: the loss averaged over ranks, the samples summed
-        totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(samples), device=device)]), "sum")
+        # one collective for all three: the loss averaged over ranks, the samples summed, any rank's stop signal
+        counts = torch.tensor([float(samples), float(stop_requested)], device=device)
+        totals = accelerator.reduce(torch.cat([loss_sum[None], counts]), "sum")
         seconds = time.perf_counter() - started
         metrics = {
             "loss": totals[0].item() / (accumulation * world),
@@ -258,7 +261,7 @@ class Stepper:
         }
         if device.type == "cuda":  # not on a CUDA machine told --device cpu
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        return metrics, position
+        return metrics, position, totals[2].item() > 0
 
 
 def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Stepper, StoreLoader, int]:
@@ -312,18 +315,25 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                disable=not (accelerator.is_main_process and config.progress))
     batches = iter(loader)
     try:
-        for step in range(start_step + 1, max_steps + 1):
-            metrics, position = stepper.step(step, batches)
-            losses.append(metrics["loss"])
-            accelerator.log(metrics, step=step)
-            if accelerator.is_main_process:
-                log_step(config.out, step, position, metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            if step % config.checkpoint_every == 0 or step == max_steps:
-                save_checkpoint(accelerator, config.out, step, position, config.keep_checkpoints)
-            if config.validate_every and (step % config.validate_every == 0 or step == max_steps):
-                validate(config, accelerator, stepper.model, inputs.model, step, validation_size)
+        with StopSignals() as signals:
+            for step in range(start_step + 1, max_steps + 1):
+                metrics, position, stopping = stepper.step(step, batches, signals.requested)
+                losses.append(metrics["loss"])
+                accelerator.log(metrics, step=step)
+                if accelerator.is_main_process:
+                    log_step(config.out, step, position, metrics)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if stopping or step % config.checkpoint_every == 0 or step == max_steps:
+                    checkpoint = save_checkpoint(accelerator, config.out, step, position, config.keep_checkpoints)
+                if stopping:  # the step in flight is checkpointed: leave before validation and the outputs
+                    preempted = Preempted(step, str(checkpoint), signals.received)
+                    if accelerator.is_main_process:  # before the teardown, which a launcher may cut short
+                        bar.close()
+                        print(f"cogtrain: {preempted}", file=sys.stderr, flush=True)
+                    raise preempted
+                if config.validate_every and (step % config.validate_every == 0 or step == max_steps):
+                    validate(config, accelerator, stepper.model, inputs.model, step, validation_size)
     finally:
         batches.close()
         bar.close()

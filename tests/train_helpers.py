@@ -1,0 +1,65 @@
+"""Helpers for the cogtrain tests: run the CLI in this process or as a launch, read a run folder back."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from cogtune.train import cli as train_cli
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+FAST = ("--mixed-precision", "no", "--report-to", "none", "--no-progress", "--rank", "4")
+"""Options every test run takes: float32 on the CPU, no tracker, no bar, a small adapter."""
+
+
+def cogtrain(store: Path, model: Path, out: Path, *args: str, expect: int = 0):
+    """`cogtrain run` in this process; returns the click Result."""
+    argv = ["run", "--store", store, "--model", model, "--out", out, *FAST, *args]
+    result = CliRunner().invoke(train_cli.app, [str(a) for a in argv])
+    assert result.exit_code == expect, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cogtrain_command(store: Path, model: Path, out: Path, *args: str, processes: int = 1) -> list[str]:
+    """`cogtrain run` as a new process: alone, or under torchrun with `processes` ranks (gloo on the CPU)."""
+    if processes == 1:
+        launcher = [sys.executable, "-m"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_port", str(free_port()), "-m"]
+    return [*launcher, "cogtune.train.cli", "run", "--store", str(store), "--model", str(model), "--out", str(out),
+            *FAST, *map(str, args)]
+
+
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""One thread per process: two ranks on two cores."""
+
+
+def launch(command: list[str], expect: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=LAUNCH_ENV)
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = (run / "losses.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"{a.name}: {name} differs"
