@@ -8,7 +8,6 @@ store intact, and the next run reuses the items in the shards it had closed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -123,17 +122,30 @@ def run_encode(
 ) -> EncodeResult:
     """Encode what `dataset` needs and the store lacks, then commit the index (see the module docstring)."""
     store = Path(store)
-    # an existing store is locked for the whole run, so `cogprep gc` cannot delete shards this run reuses or
-    # writes before they are committed (a store this run creates has no other user yet)
-    lock = S.store_lock(store) if dist_info()[0] == 0 and store.is_dir() else contextlib.nullcontext()
-    with lock:
-        return _run_encode(dataset, model, store, spec, settings, options, dataset_info)
+    if dist_info()[0] != 0:  # rank 0 holds the lock for the whole job
+        return _run_encode(dataset, model, store, spec, settings, options, dataset_info, created=None)
+    # The store is locked for the whole run, so `cogprep gc` cannot delete shards this run reuses or writes
+    # before they are committed. The lock covers creating the store as well: two first encodes of one store
+    # would both encode everything, and the second's start-up clean-up would delete the first's open shards.
+    created = _first_missing(store)  # the topmost folder this run makes; None where the store exists
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CogtuneError(f"{store}: cannot create the store ({e.strerror})") from None
+    with S.store_lock(store):  # refused in one line while another cogprep holds it: nothing touched then
+        try:
+            S.check_writable(store)
+            return _run_encode(dataset, model, store, spec, settings, options, dataset_info, created)
+        except BaseException:
+            if created is not None and not any(p.is_file() for p in created.rglob("*")):
+                shutil.rmtree(created, ignore_errors=True)  # a refused first encode leaves no empty store
+            raise
 
 
-def _run_encode(dataset, model, store, spec, settings, options, dataset_info) -> EncodeResult:
+def _run_encode(dataset, model, store, spec, settings, options, dataset_info, created: Path | None) -> EncodeResult:
+    """`created`: the topmost folder this run made for the store (rank 0), None where the store existed."""
     started = time.time()
     rank, world, local_rank = dist_info()
-    created = _first_missing(store)  # the topmost folder this run makes; None where the store exists
     if rank == 0 and created is None:
         S.remove_temp_shards(store)
         shutil.rmtree(store / PENDING, ignore_errors=True)

@@ -41,6 +41,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
@@ -351,6 +352,16 @@ def store_lock(store: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def check_writable(store: Path) -> None:
+    """Refuse, in one line, a store this process cannot write (a read-only mount or folder), before any work."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=store)
+    except OSError as e:
+        raise CogtuneError(f"{store}: cannot write to the store ({e.strerror}): encode into a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 MANIFEST_KEY = b"cogtune.manifest"

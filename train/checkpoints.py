@@ -15,6 +15,7 @@ from ..shared.atomic import fsync_dir
 from ..shared.errors import CogtuneError
 from .config import TrainConfig
 from .data import StoreLoader
+from .run_lock import is_lock_file
 from .state import TRAIN_STATE_JSON, TrainState, load_checkpoint_dir, save_checkpoint_dir
 
 CHECKPOINTS = "checkpoints"
@@ -24,7 +25,7 @@ CHECKPOINT_PREFIX = "step-"
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
     """The checkpoint `--resume` names; None for a fresh start. A used run folder needs --resume."""
     if config.resume is None:
-        if config.out.exists() and any(config.out.iterdir()):
+        if config.out.exists() and any(not is_lock_file(p) for p in config.out.iterdir()):
             raise CogtuneError(
                 f"{config.out}: already holds a run: pass --resume latest to continue it, or choose another --out"
             )

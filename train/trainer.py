@@ -23,6 +23,7 @@ every generator state from `train.state`, and each step draws its noise from a g
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .math import TrainBatch, drop_captions, training_step
 from .preemption import Preempted, StopSignals
+from .run_lock import hold_run_folder
 from .state import RngStates
 
 LOSSES = "losses.jsonl"
@@ -181,12 +183,15 @@ def use_cuda_allocator_defaults() -> None:
 def train(config: TrainConfig) -> TrainResult:
     """Run the checks, then train; on every rank of a launch (torchrun / accelerate launch) or alone."""
     use_cuda_allocator_defaults()
-    inputs = check_run(config)
-    accelerator = make_accelerator(config)
-    try:
-        return _train(config, inputs, accelerator)
-    finally:
-        release_accelerator(accelerator)
+    # the job's rank 0 holds the run folder from its first check on: a second run into it is refused at once
+    main = int(os.environ.get("RANK", "0")) == 0
+    with hold_run_folder(config.out) if main else contextlib.nullcontext():
+        inputs = check_run(config)
+        accelerator = make_accelerator(config)
+        try:
+            return _train(config, inputs, accelerator)
+        finally:
+            release_accelerator(accelerator)
 
 
 @dataclass
