@@ -122,6 +122,7 @@ def run_encode(
 ) -> EncodeResult:
     """Encode what `dataset` needs and the store lacks, then commit the index (see the module docstring)."""
     store = Path(store)
+    _validation_inputs(options, model.variant.task)  # refused before any work, not after the encode
     if dist_info()[0] != 0:  # rank 0 holds the lock for the whole job
         return _run_encode(dataset, model, store, spec, settings, options, dataset_info, created=None)
     # The store is locked for the whole run, so `cogprep gc` cannot delete shards this run reuses or writes
@@ -435,7 +436,9 @@ def _loc(loc: S.Location) -> list:
 # extras, commit, report
 
 
-def _validation_inputs(options: RunOptions) -> tuple[list[str], list[Path]]:
+def _validation_inputs(options: RunOptions, task: str | None = None) -> tuple[list[str], list[Path]]:
+    """The validation prompts and images; with the model's `task`, an image-to-video model's prompts without
+    images are refused (cogtrain would fail at its first validation)."""
     prompts: list[str] = []
     images: list[Path] = []
     if options.validation_prompts is not None:
@@ -446,10 +449,16 @@ def _validation_inputs(options: RunOptions) -> tuple[list[str], list[Path]]:
             raise CogtuneError(f"{path}: cannot read validation prompts ({e.strerror})") from None
     if options.validation_images is not None:
         path = Path(options.validation_images)
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CogtuneError(f"{path}: cannot read validation images ({getattr(e, 'strerror', None) or e})") from None
         images = [(path.parent / ln) for ln in lines]
         if len(images) != len(prompts):
             raise CogtuneError(f"{path}: {len(images)} validation images for {len(prompts)} validation prompts")
+    elif prompts and task == "i2v":
+        raise CogtuneError(f"{options.validation_prompts}: an image-to-video model needs a validation image per "
+                           f"prompt: pass --validation-images FILE (one image path per line)")
     return prompts, images
 
 

@@ -50,6 +50,10 @@ def check_run(config: TrainConfig) -> RunInputs:
     check_target_modules(config, model)
     if not config.allow_stale:
         check_dataset_current(config, manifest)
+    if config.validate_every:
+        from .validation import check_validation_inputs
+
+        check_validation_inputs(model, config.store)
     return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
 
 

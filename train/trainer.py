@@ -337,13 +337,18 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                         bar.close()
                         print(f"cogtrain: {preempted}", file=sys.stderr, flush=True)
                     raise preempted
-                if config.validate_every and (step % config.validate_every == 0 or step == max_steps):
+                # the last step's validation comes after the weights are written: it can never cost them
+                if config.validate_every and step % config.validate_every == 0 and step < max_steps:
                     validate(config, accelerator, stepper.model, inputs.model, step, validation_size)
     finally:
         batches.close()
         bar.close()
     seconds = time.perf_counter() - started
     outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds)
+    if config.validate_every and losses:
+        if accelerator.is_main_process:
+            print(f"cogtrain: validation videos of step {max_steps}", file=sys.stderr, flush=True)
+        validate(config, accelerator, stepper.model, inputs.model, max_steps, validation_size)
     return TrainResult(run=config.out, steps=max_steps, losses=losses, outputs=outputs, seconds=seconds)
 
 
@@ -399,6 +404,13 @@ def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_inf
                            device=accelerator.device, dtype=WEIGHT_DTYPES[config.mixed_precision], seed=config.seed,
                            num_inference_steps=config.validation_steps, num_frames=frames, height=height,
                            width=width, write=accelerator.is_main_process)
+        except Exception as e:  # out of memory, a codec error: the videos are lost, never the run
+            # (with sharded weights a rank that fails here leaves the others in a collective: nothing to catch)
+            if accelerator.is_main_process:
+                print(f"cogtrain: validation at step {step} failed, training goes on: {type(e).__name__}: {e}",
+                      file=sys.stderr, flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         finally:
             generators.restore()
     accelerator.wait_for_everyone()

@@ -154,6 +154,15 @@ def _native_size(model: Model) -> tuple[int, int, int]:
     )
 
 
+def check_validation_inputs(model: Model, store: Path) -> None:
+    """Refuse at the start what the first validation would fail on, hours into a run: an image-to-video
+    store whose validation prompts lack their images."""
+    tensors, metadata = read_extras(Path(store))
+    prompts = json.loads(metadata.get("validation_prompts") or "[]")
+    if prompts and model.variant.task == "i2v":
+        _validation_images(tensors, len(prompts), store)
+
+
 def _validation_images(tensors: dict[str, torch.Tensor], count: int, store: Path) -> list:
     """The I2V conditioning images, one per prompt, as PIL images (the pipeline resizes them)."""
     from PIL import Image
