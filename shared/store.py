@@ -43,6 +43,7 @@ import os
 import tarfile
 import tempfile
 import time
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -173,10 +174,18 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return gzip.compress(raw, compresslevel=COMPRESS_LEVEL, mtime=0)
 
 
+class DamagedMember(CogtuneError):
+    """A member's bytes do not decode: a failed gzip CRC or length, a truncated or garbled safetensors file."""
+
+
 def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    return load_safetensors(gzip.decompress(data))
+    try:
+        return load_safetensors(gzip.decompress(data))
+    except (OSError, EOFError, zlib.error, SafetensorError) as e:  # gzip.BadGzipFile is an OSError
+        raise DamagedMember(f"{type(e).__name__}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,7 +327,7 @@ class ShardReader:
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise CogtuneError(f"{self.store / shard}: truncated at byte {offset + len(data)} (store damaged)")
+            raise DamagedMember(f"{self.store / shard}: truncated at byte {offset + len(data)} (store damaged)")
         return data
 
     def tensors(self, shard: str, offset: int, size: int) -> dict[str, torch.Tensor]:
@@ -411,6 +420,11 @@ def _read_index_table(store: Path, columns: Sequence[str] | None) -> pa.Table | 
         raise CogtuneError(f"{path}: unreadable index ({e})") from None
 
 
+def read_index_row(store: Path, i: int, columns: Sequence[str]) -> dict[str, Any]:
+    """Row `i` of the index, `columns` only: for naming one sample (a damaged one) without holding the rest."""
+    return _read_index_table(store, columns).slice(i, 1).to_pylist()[0]
+
+
 SAMPLE_COLUMNS = ("shard", "latent_offset", "latent_size", "image_offset", "image_size", "text_shard",
                   "text_offset", "text_size")
 """The index columns `read_sample` reads."""
@@ -446,10 +460,40 @@ class IndexColumns:
         distinct, codes = self._strings[name]
         return [distinct[c] for c in codes]
 
+    def shard_extents(self) -> dict[str, int]:
+        """{shard: bytes of it the index needs}: the end of its last member, from the `SAMPLE_COLUMNS`."""
+        needed: dict[str, int] = {}
+        for shard, prefix in (("shard", "latent"), ("shard", "image"), ("text_shard", "text")):
+            distinct, codes = self._strings[shard]
+            offsets, sizes = self._numbers[f"{prefix}_offset"], self._numbers[f"{prefix}_size"]
+            present = offsets >= 0  # -1: no member (a T2V store's image latents)
+            ends = np.zeros(len(distinct), np.int64)
+            np.maximum.at(ends, codes[present], (offsets + sizes)[present])
+            for name, end in zip(distinct, ends.tolist()):
+                needed[name] = max(needed.get(name, 0), end)
+        return needed
+
     def row(self, i: int) -> dict[str, Any]:
         out: dict[str, Any] = {name: int(column[i]) for name, column in self._numbers.items()}
         out.update({name: distinct[codes[i]] for name, (distinct, codes) in self._strings.items()})
         return out
+
+
+def check_shards(store: Path, index: IndexColumns) -> None:
+    """Every shard the index points at exists and is as long as the index needs: one stat per shard, so a
+    deleted or truncated shard is refused before training rather than met mid-epoch."""
+    for shard, needed in sorted(index.shard_extents().items()):
+        path = Path(store) / shard
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problem = f"missing (the index needs {needed} bytes of it)"
+        else:
+            if size >= needed:
+                continue
+            problem = f"truncated: {size} bytes, the index needs {needed}"
+        raise CogtuneError(f"{path}: {problem}: run cogprep verify {store}, then cogprep encode to re-encode "
+                           f"its samples")
 
 
 def read_sample(reader: ShardReader, row: dict[str, Any]) -> dict[str, torch.Tensor]:

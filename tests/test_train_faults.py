@@ -3,12 +3,14 @@ at the first validation is refused at the start, before anything is written."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 from cogtune.shared import store as S
 from prep_helpers import encode
-from train_helpers import cogtrain, losses
+from train_helpers import cogtrain, cogtrain_command, launch, losses
 
 
 def test_a_failing_validation_is_one_line_and_the_run_goes_on(train_store, tiny_models, tmp_path, monkeypatch):
@@ -81,3 +83,88 @@ def test_cogprep_refuses_i2v_validation_prompts_without_images(train_dataset, ti
         f"error: {prompts}: an image-to-video model needs a validation image per prompt: pass --validation-images "
         "FILE (one image path per line)")
     assert not store.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a damaged store
+
+
+@pytest.fixture
+def damaged_store(train_store, tmp_path) -> tuple[Path, dict, int]:
+    """A copy of the trainer tests' store with 8 bytes flipped inside one sample's cached latent: of the samples
+    that share their bucket with another (which --on-damaged skip can train in its place), the last the first
+    epoch takes (batch size 1, seed 0). Returns the store and that sample's index row."""
+    from cogtune.train.data import BucketBatchSampler, StoreDataset
+
+    store = shutil.copytree(train_store, tmp_path / "store")
+    buckets = StoreDataset(store).row_buckets
+    order = [batch[0] for batch in BucketBatchSampler(buckets, 1, seed=0).epoch_batches(0)]
+    shared = [i for i in order if buckets.count(buckets[i]) > 1]
+    assert shared, "the store has no bucket of two samples"
+    row = S.read_index(store)[shared[-1]]
+    steps_before = order.index(shared[-1])
+    with open(store / row["shard"], "r+b") as f:
+        f.seek(row["latent_offset"] + row["latent_size"] // 2)
+        data = f.read(8)
+        f.seek(-8, 1)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return store, row, steps_before
+
+
+def test_a_damaged_sample_stops_the_run_in_one_line_naming_shard_sample_and_source(damaged_store, tiny_models,
+                                                                                    tmp_path):
+    store, row, steps_before = damaged_store
+    run = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "8", "--checkpoint-every", "1", "--batch-size", "1",
+                      expect=2)
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1, result.stderr
+    assert line.startswith(f"error: {store / row['shard']}: sample {row['key']} (source {row['source']}) is damaged ("), line
+    assert line.endswith(f"run cogprep verify {store}, then cogprep encode; or train on with --on-damaged skip")
+    assert not (run / "pytorch_lora_weights.safetensors").exists()
+    # what was trained before it is kept: the steps before the damaged sample, each checkpointed
+    assert sorted(losses(run) if steps_before else []) == list(range(1, steps_before + 1))
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if checkpoints.is_dir()) == [
+        f"step-{step:06d}" for step in range(1, steps_before + 1)]
+
+
+def test_on_damaged_skip_trains_another_sample_of_its_bucket_and_names_the_damaged_one(damaged_store, tiny_models,
+                                                                                       tmp_path):
+    store, row, steps_before = damaged_store
+    run = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "8", "--on-damaged", "skip", "--batch-size", "2")
+    assert sorted(losses(run)) == list(range(1, 9))  # every step taken, every batch full
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(d["key"], d["source"]) for d in summary["damaged_samples_skipped"]] == [(row["key"], row["source"])]
+    assert f"cogtrain: skipped damaged sample {row['key']} (source {row['source']})" in result.stderr
+    assert "skipped 1 damaged samples (listed in summary.json)" in result.stderr
+
+
+@pytest.mark.slow
+def test_on_damaged_skip_under_two_processes_keeps_every_rank_in_step(damaged_store, tiny_models, tmp_path):
+    store, row, steps_before = damaged_store
+    run = tmp_path / "run"
+    launch(cogtrain_command(store, tiny_models["5b"], run, "--max-steps", "6", "--on-damaged", "skip", processes=2))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_per_rank"] == [6, 6]
+    assert [d["key"] for d in summary["damaged_samples_skipped"]] == [row["key"]]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_missing_or_short_shard_is_refused_before_any_step(train_store, tiny_models, tmp_path, damage):
+    store = shutil.copytree(train_store, tmp_path / "store")
+    shard = store / S.read_index(store)[0]["shard"]
+    needed = shard.stat().st_size  # the last member ends at the tar's padding, at most
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:600])
+    run = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "1", expect=2)
+    line = result.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith(f"error: {shard}: "), line
+    assert ("missing (the index needs " if damage == "deleted" else "truncated: 600 bytes, the index needs ") in line
+    assert line.endswith(f"run cogprep verify {store}, then cogprep encode to re-encode its samples")
+    assert int(line.split("the index needs ")[1].split()[0].rstrip("):")) <= needed
+    assert not run.exists()

@@ -33,6 +33,7 @@ LR_SCHEDULERS = (
 )
 REPORT_TO = ("tensorboard", "wandb", "none")
 DEVICES = ("auto", "cpu", "cuda")
+ON_DAMAGED = ("stop", "skip")
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CONFIG_YAML = "config.yaml"
 
@@ -108,6 +109,10 @@ class TrainConfig:
     prefetch: int = 1
     """Batches read ahead in a background thread, in host memory (0: read in the training loop). One hides the
     read (tens of ms) behind the step (seconds at real size); more only helps storage with slow spells."""
+    on_damaged: str = "stop"
+    """A cached sample that fails to read: stop (exit 2 naming shard, sample and source; the last checkpoint
+    stays the last good one), or skip (train on another sample of its bucket in its place, named in the log and
+    summary.json)."""
     device: str = "auto"
     """auto (the accelerator accelerate picks: cuda:LOCAL_RANK if present), cpu or cuda."""
     progress: bool = True
@@ -133,6 +138,7 @@ class TrainConfig:
             ("lr-scheduler", self.lr_scheduler, LR_SCHEDULERS),
             ("report-to", self.report_to, REPORT_TO),
             ("device", self.device, DEVICES),
+            ("on-damaged", self.on_damaged, ON_DAMAGED),
         ):
             if value not in allowed:
                 raise CogtuneError(f"--{option} {value!r}: choose one of {', '.join(allowed)}")

@@ -20,9 +20,11 @@ checkpoint written after a step resumes exactly at the next batch, however far t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,11 +35,23 @@ import numpy as np
 import torch
 
 from ..shared.errors import CogtuneError
-from ..shared.store import INDEX, SAMPLE_COLUMNS, IndexColumns, Manifest, ShardReader, read_sample
+from ..shared.store import (
+    INDEX,
+    SAMPLE_COLUMNS,
+    DamagedMember,
+    IndexColumns,
+    Manifest,
+    ShardReader,
+    check_shards,
+    read_index_row,
+    read_sample,
+)
 
-# Separate random streams drawn from one seed: the epoch order and the I2V noise-variant draws.
+# Separate random streams drawn from one seed: the epoch order, the I2V noise-variant draws, and the
+# replacements of damaged samples.
 _SHUFFLE_STREAM = 0
 _VARIANT_STREAM = 1
+_REPLACEMENT_STREAM = 2
 
 
 @dataclass(frozen=True)
@@ -193,13 +207,17 @@ class StoreDataset:
     Reads go through one file-handle cache: use a dataset from one thread at a time.
     """
 
-    def __init__(self, store: Path, seed: int = 0):
+    def __init__(self, store: Path, seed: int = 0, on_damaged: str = "stop"):
         self.store = Path(store)
         self.manifest = Manifest.load(self.store)
         self.index = IndexColumns(self.store, ("bucket", *SAMPLE_COLUMNS))
         if not len(self.index):
             raise CogtuneError(f"{self.store / INDEX}: no samples (run cogprep encode first)")
+        check_shards(self.store, self.index)
         self.seed = seed
+        self.on_damaged = on_damaged
+        self.damaged: list[dict[str, str]] = []
+        """Samples found damaged and skipped (--on-damaged skip), in the order met: key, source, error."""
         self._reader = ShardReader(self.store)
 
     def __len__(self) -> int:
@@ -215,23 +233,69 @@ class StoreDataset:
         return {b["name"]: b["batch_size"] for b in self.manifest.buckets if b.get("batch_size")}
 
     def read_batch(self, planned: PlannedBatch) -> dict[str, torch.Tensor]:
-        samples = [read_sample(self._reader, self.index.row(row)) for row in planned.rows]
+        rows, samples = [], []
+        for row in planned.rows:
+            row, sample = self._read_or_replace(row, planned)
+            rows.append(row)
+            samples.append(sample)
         with_image = ["noisy" in sample for sample in samples]
         if any(with_image) and not all(with_image):
             raise CogtuneError(f"{self.store / INDEX}: rows with and without image latents in one bucket")
         batch = {
             name: torch.stack([sample[name] for sample in samples]) for name in ("mean", "logvar", "embedding")
         }
-        batch["rows"] = torch.tensor(planned.rows, dtype=torch.long)
+        batch["rows"] = torch.tensor(rows, dtype=torch.long)
         if all(with_image):
-            variants = [
-                self._draw_variant(planned, row, len(sample["sigma"])) for row, sample in zip(planned.rows, samples)
-            ]
+            variants = [self._draw_variant(planned, row, len(sample["sigma"])) for row, sample in zip(rows, samples)]
             batch["clean"] = torch.stack([sample["clean"] for sample in samples])
             batch["noisy"] = torch.stack([sample["noisy"][k] for sample, k in zip(samples, variants)])
             batch["sigma"] = torch.stack([sample["sigma"][k] for sample, k in zip(samples, variants)])
             batch["variant"] = torch.tensor(variants, dtype=torch.long)
         return batch
+
+    def _read_or_replace(self, row: int, planned: PlannedBatch) -> tuple[int, dict[str, torch.Tensor]]:
+        """(row, its tensors); with --on-damaged skip a damaged row is replaced by another row of its bucket,
+        drawn from (seed, epoch, batch, row) so that a resumed run replaces it alike. The batch keeps its size,
+        so every rank keeps its step count."""
+        try:
+            return row, self._read(row)
+        except DamagedSample as damage:
+            if self.on_damaged != "skip":
+                raise
+            self._record(damage)
+        bucket = self.row_buckets_array[row]
+        same_bucket = np.flatnonzero(self.row_buckets_array == bucket)
+        rng = np.random.default_rng([self.seed, _REPLACEMENT_STREAM, planned.epoch, planned.global_index, row])
+        for other in rng.permutation(same_bucket).tolist():
+            if other == row or any(d["row"] == other for d in self.damaged):
+                continue
+            try:
+                return other, self._read(other)
+            except DamagedSample as damage:
+                self._record(damage)
+        raise CogtuneError(f"{self.store}: every sample of bucket {bucket} is damaged: run cogprep verify {self.store}")
+
+    def _read(self, row: int) -> dict[str, torch.Tensor]:
+        try:
+            return read_sample(self._reader, self.index.row(row))
+        except (DamagedMember, OSError) as e:
+            key, source = read_index_row(self.store, row, ("key", "source")).values()
+            shard = self.index.row(row)["shard"]
+            raise DamagedSample(
+                f"{self.store / shard}: sample {key} (source {source}) is damaged ({e}): run cogprep verify "
+                f"{self.store}, then cogprep encode; or train on with --on-damaged skip",
+                {"row": row, "key": key, "source": source, "error": str(e)},
+            ) from None
+
+    def _record(self, damage: DamagedSample) -> None:
+        if all(d["row"] != damage.record["row"] for d in self.damaged):
+            self.damaged.append(damage.record)
+            print(f"cogtrain: skipped damaged sample {damage.record['key']} (source {damage.record['source']}): "
+                  f"{damage.record['error']}", file=sys.stderr, flush=True)
+
+    @functools.cached_property
+    def row_buckets_array(self) -> np.ndarray:
+        return np.asarray(self.index.strings("bucket"))
 
     def _draw_variant(self, planned: PlannedBatch, row: int, count: int) -> int:
         rng = np.random.default_rng([self.seed, _VARIANT_STREAM, planned.epoch, planned.global_index, row])
@@ -239,6 +303,14 @@ class StoreDataset:
 
     def close(self) -> None:
         self._reader.close()
+
+
+class DamagedSample(CogtuneError):
+    """A sample whose cached members cannot be read; `record` names it (row, key, source, error)."""
+
+    def __init__(self, message: str, record: dict[str, Any]):
+        super().__init__(message)
+        self.record = record
 
 
 @dataclass(frozen=True)
@@ -276,9 +348,10 @@ class StoreLoader:
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 1,
+        on_damaged: str = "stop",
     ) -> StoreLoader:
         """The loader a training run uses: the manifest's per-bucket batch sizes, `batch_size` for the rest."""
-        dataset = StoreDataset(store, seed=seed)
+        dataset = StoreDataset(store, seed=seed, on_damaged=on_damaged)
         sampler = BucketBatchSampler(
             dataset.row_buckets,
             batch_size,

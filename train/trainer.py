@@ -142,8 +142,8 @@ def make_loader(config: TrainConfig, rank: int, world_size: int) -> StoreLoader:
     """The store's batches for this rank; --batch-size replaces every bucket's batch size from the store."""
     if config.batch_size is None:
         return StoreLoader.from_store(config.store, 1, seed=config.seed, rank=rank, world_size=world_size,
-                                      prefetch=config.prefetch)
-    dataset = StoreDataset(config.store, seed=config.seed)
+                                      prefetch=config.prefetch, on_damaged=config.on_damaged)
+    dataset = StoreDataset(config.store, seed=config.seed, on_damaged=config.on_damaged)
     sampler = BucketBatchSampler(dataset.row_buckets, config.batch_size, seed=config.seed, rank=rank,
                                  world_size=world_size)
     return StoreLoader(dataset, sampler, prefetch=config.prefetch)
@@ -344,7 +344,8 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
         batches.close()
         bar.close()
     seconds = time.perf_counter() - started
-    outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds)
+    outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds,
+                         loader.dataset.damaged)
     if config.validate_every and losses:
         if accelerator.is_main_process:
             print(f"cogtrain: validation videos of step {max_steps}", file=sys.stderr, flush=True)
@@ -445,11 +446,18 @@ def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
 
 
 def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, steps: int,
-               losses: list[float], seconds: float) -> list[Path]:
-    """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary."""
+               losses: list[float], seconds: float, damaged: list[dict[str, Any]]) -> list[Path]:
+    """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary.
+
+    `damaged`: the samples this rank skipped as damaged (--on-damaged skip); summary.json lists every rank's.
+    """
+    from accelerate.utils import gather_object
+
     from .outputs import save_full, save_lora, write_model_card
 
     digests = weights_digests(accelerator, model)
+    # every rank's, once each: ranks that meet the same damaged sample (another epoch's batch) name it alike
+    damaged = list({d["key"]: d for d in gather_object(damaged)}.values()) if accelerator.num_processes > 1 else damaged
     steps_per_rank = accelerator.gather(torch.tensor([steps], device=accelerator.device)).tolist()  # equal, or DDP hangs
     # sharded weights (FSDP, ZeRO-3) are gathered whole for rank 0: a collective every rank takes part in
     gathered = accelerator.get_state_dict(model) if weights_are_sharded(accelerator) else None
@@ -471,6 +479,7 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
             "steps_this_run": len(losses),
             "seconds_this_run": round(seconds, 3),
             "final_loss": losses[-1] if losses else None,
+            "damaged_samples_skipped": [{k: d[k] for k in ("key", "source", "error")} for d in damaged],
             "outputs": [str(p) for p in outputs],
         }
         atomic_write_text(config.out / SUMMARY, json.dumps(summary, indent=2))
@@ -492,5 +501,8 @@ def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Pa
     checkpoints = complete_checkpoints(config.out)
     if checkpoints:
         print(f"  {checkpoints[-1]}  (resume with --resume latest)")
+    if summary["damaged_samples_skipped"]:
+        print(f"  skipped {len(summary['damaged_samples_skipped'])} damaged samples (listed in summary.json): "
+              f"run cogprep verify {config.store}, then cogprep encode", file=sys.stderr)
     if digests is not None and len(set(digests)) > 1:
         print("warning: the ranks ended with different weights (see summary.json)", file=sys.stderr)
