@@ -8,6 +8,7 @@ the kill reach a real process, not the test's.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,15 @@ from pathlib import Path
 
 import pytest
 from cogtune.train.preemption import EXIT_PREEMPTED
-from train_helpers import LAUNCH_ENV, assert_same_tensors, cogtrain_command, launch, losses
+from train_helpers import (
+    LAUNCH_ENV,
+    assert_same_tensors,
+    cogtrain_command,
+    launch,
+    logged_lrs,
+    losses,
+    scheduled_lrs,
+)
 
 STEPS = 30
 """Steps of every run: enough (about 0.1 s each) for a signal to land mid-run."""
@@ -139,3 +148,33 @@ def test_a_stop_signal_checkpoints_the_step_in_flight_and_resume_equals_a_run_ne
 
     launch(command(train_store, model, run, "lora", processes, "--max-steps", STEPS, "--resume", "latest"))
     assert_equals_whole(run, whole_runs(processes, "lora"), "lora")
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize("mode", ["lora", "sft"])
+def test_resume_on_another_number_of_processes_trains_the_rest_of_the_epoch_once(train_store, tiny_models, tmp_path,
+                                                                                 mode, before, after):
+    """One batch per sample (--batch-size 1). The first launch takes one step, the second finishes the epoch on
+    another number of processes: every sample is trained once, but for the new world's padding repeats."""
+    from cogtune.shared.store import read_index
+
+    run, model = tmp_path / "run", tiny_models["5b"]
+    samples = len(read_index(train_store))
+    # warm-up longer than the run: the logged lr shows whether the schedule was re-counted for the new world
+    args = ("--batch-size", "1", "--log-samples", "--lr-scheduler", "constant_with_warmup", "--lr-warmup-steps",
+            "8", "--learning-rate", "1e-3")
+    launch(command(train_store, model, run, mode, before, "--max-steps", 1, *args))
+    total = 1 + -(-(samples - before) // after)  # the epoch's remaining batches, shared out
+    launch(command(train_store, model, run, mode, after, "--max-steps", total, "--resume", "latest", *args))
+
+    taken = {rank: [json.loads(line) for line in (run / "samples" / f"rank-{rank}.jsonl").read_text().splitlines()]
+             for rank in range(max(before, after))}
+    first = [row for rank in range(before) for entry in taken[rank] if entry["step"] == 1 for row in entry["rows"]]
+    rest = [row for rank in range(after) for entry in taken[rank] if entry["step"] > 1 for row in entry["rows"]]
+    assert sorted(set(first) | set(rest)) == list(range(samples))
+    assert not set(first) & set(rest)
+    assert len(rest) - len(set(rest)) < after
+    assert sorted(losses(run)) == list(range(1, total + 1))
+    assert logged_lrs(run) == pytest.approx(scheduled_lrs("constant_with_warmup", 1e-3, 8, total))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps_per_rank"] == [total] * after

@@ -18,7 +18,15 @@ from cogtune.train.config import TrainConfig
 from prep_helpers import add_clip, encode
 from safetensors.torch import load_file
 from store_builder import build_random_store
-from train_helpers import assert_same_tensors, cogtrain, cogtrain_command, launch, losses
+from train_helpers import (
+    assert_same_tensors,
+    cogtrain,
+    cogtrain_command,
+    launch,
+    logged_lrs,
+    losses,
+    scheduled_lrs,
+)
 from typer.testing import CliRunner
 
 
@@ -82,24 +90,6 @@ def test_fp16_mixed_precision_trains(store, tiny_models, tmp_path, mode):
                else run / "transformer" / "diffusion_pytorch_model.safetensors")
     # trained weights stay float32 under fp16 autocast (LoRA: the adapter; sft: every weight)
     assert {tensor.dtype for tensor in load_file(weights).values()} == {torch.float32}
-
-
-def scheduled_lrs(name: str, learning_rate: float, warmup: int, steps: int) -> list[float]:
-    """The learning rate after each of `steps` optimizer steps, as diffusers' `get_scheduler` gives it alone."""
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
-    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    lrs = []
-    for _ in range(steps):
-        optimizer.step()
-        schedule.step()
-        lrs.append(schedule.get_last_lr()[0])
-    return lrs
-
-
-def logged_lrs(run: Path) -> list[float]:
-    return [json.loads(line)["lr"] for line in (run / "losses.jsonl").read_text().splitlines()]
 
 
 def test_epochs_set_the_step_count_and_the_lr_schedule_follows_it(store, tiny_models, tmp_path):
@@ -294,6 +284,7 @@ def test_two_processes_take_the_same_steps_and_end_with_the_same_weights(store, 
     for checkpoint in ("step-000002", "step-000003"):  # each rank's own generator states
         names = {p.name for p in (run / "checkpoints" / checkpoint).iterdir()}
         assert {"rng.safetensors", "rng.rank1.safetensors", "train_state.json", "model.safetensors"} <= names
+        assert not [name for name in names if name.endswith(".pkl")]  # nothing a resume would unpickle
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -63,3 +63,21 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), f"{a.name}: {name} differs"
+
+
+def scheduled_lrs(name: str, learning_rate: float, warmup: int, steps: int) -> list[float]:
+    """The learning rate after each of `steps` optimizer steps, as diffusers' `get_scheduler` gives it alone."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        optimizer.step()
+        schedule.step()
+        lrs.append(schedule.get_last_lr()[0])
+    return lrs
+
+
+def logged_lrs(run: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (run / "losses.jsonl").read_text().splitlines()]

@@ -9,14 +9,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from accelerate.utils.constants import RNG_STATE_NAME
 
 from ..shared.atomic import fsync_dir
 from ..shared.errors import CogtuneError
 from .config import TrainConfig
 from .data import StoreLoader
 from .run_lock import is_lock_file
-from .state import TRAIN_STATE_JSON, TrainState, load_checkpoint_dir, save_checkpoint_dir
+from .state import TRAIN_STATE_JSON, TrainState, load_checkpoint_dir, rng_file_name, save_checkpoint_dir
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
@@ -92,6 +94,10 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    # the generators travel in train_state's safetensors (see train.state): drop accelerate's pickled copy, so
+    # that a checkpoint holds nothing that loading would unpickle
+    for pickled in tmp.glob(f"{RNG_STATE_NAME}_*.pkl"):
+        pickled.unlink(missing_ok=True)
     save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -108,8 +114,14 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
     return final
 
 
-def resume(accelerator, model: torch.nn.Module, loader: StoreLoader, checkpoint: Path, mode: str) -> int:
-    """Restore model, optimizer, lr schedule, data position and generators; returns the step to continue after."""
+def resume(accelerator, model: torch.nn.Module, lr_scheduler, loader: StoreLoader, checkpoint: Path, mode: str,
+           seed: int) -> int:
+    """Restore model, optimizer, lr schedule, data position and generators; returns the step to continue after.
+
+    On another number of processes than the checkpoint's (elastic resume) the weights, optimizer, lr and the
+    epoch's remaining samples carry over exactly; the global generators of ranks the checkpoint did not have
+    start from (seed, rank, step), so LoRA dropout draws differ from an uninterrupted run's.
+    """
     weights = checkpoint / "model.safetensors"
     if weights.exists():
         from safetensors import safe_open
@@ -130,7 +142,19 @@ def resume(accelerator, model: torch.nn.Module, loader: StoreLoader, checkpoint:
     accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True}, **strict)
     state = load_checkpoint_dir(checkpoint, rank=accelerator.process_index)
     loader.load_state_dict(state.sampler)
-    state.rng.restore()
+    world, saved_world = accelerator.num_processes, int(state.sampler.get("world_size", accelerator.num_processes))
+    if state.rng is not None and saved_world == world:
+        state.rng.restore()
+    elif saved_world == world:
+        raise CogtuneError(f"{checkpoint / rng_file_name(accelerator.process_index)}: missing (checkpoint damaged)")
+    else:
+        from accelerate.utils import set_seed
+
+        set_seed(int(np.random.SeedSequence([seed, accelerator.process_index, state.step]).generate_state(1)[0]))
+    if saved_world != world:
+        # accelerate steps the schedule once per process per optimizer step: re-count it for this world
+        lr_scheduler.scheduler.last_epoch = state.step * world - 1
+        lr_scheduler.scheduler.step()
     return state.step
 
 

@@ -109,6 +109,8 @@ class TrainConfig:
     prefetch: int = 1
     """Batches read ahead in a background thread, in host memory (0: read in the training loop). One hides the
     read (tens of ms) behind the step (seconds at real size); more only helps storage with slow spells."""
+    log_samples: bool = False
+    """Write RUN/samples/rank-R.jsonl: the index rows each rank trained at each step (what a resumed run took)."""
     on_damaged: str = "stop"
     """A cached sample that fails to read: stop (exit 2 naming shard, sample and source; the last checkpoint
     stays the last good one), or skip (train on another sample of its bucket in its place, named in the log and

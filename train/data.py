@@ -56,12 +56,15 @@ _REPLACEMENT_STREAM = 2
 
 @dataclass(frozen=True)
 class SamplerPosition:
-    """Where iteration continues: the next batch is this rank's batch `batch` of epoch `epoch`."""
+    """Where iteration continues: the next batch is this rank's batch `batch` of the epoch's current segment."""
 
     epoch: int
     """Epoch the next batch belongs to (counted from 0)."""
     batch: int
-    """Batches of that epoch this rank has already taken; equal on every rank."""
+    """Batches of the segment this rank has already taken; equal on every rank."""
+    offset: int = 0
+    """Where the segment starts in the epoch's batch list: 0, unless a run resumed mid-epoch on another number of
+    processes, whose ranks share out what the earlier world size had not taken."""
 
 
 @dataclass(frozen=True)
@@ -127,36 +130,42 @@ class BucketBatchSampler:
     @property
     def steps_per_epoch(self) -> int:
         """Batches each rank takes per epoch: the same on every rank."""
-        return -(-self.batches_per_epoch // self.world_size)
+        return self.segment_steps(0)
+
+    def segment_steps(self, offset: int) -> int:
+        """Batches each rank takes of the segment from `offset` to the end of the epoch."""
+        return -(-(self.batches_per_epoch - offset) // self.world_size)
 
     @property
     def repeated_batches(self) -> int:
         """Batches repeated per epoch so that every rank takes `steps_per_epoch` (fewer than the world size)."""
         return self.steps_per_epoch * self.world_size - self.batches_per_epoch
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's padded batch list for all ranks; this rank takes items rank, rank + W, ..."""
+    def epoch_batches(self, epoch: int, offset: int = 0) -> list[list[int]]:
+        """The epoch's batch list from `offset` on, padded for all ranks: this rank takes items rank, rank + W, ..."""
         rng = np.random.default_rng([self.seed, _SHUFFLE_STREAM, epoch])
         batches: list[list[int]] = []
         for bucket, rows in self._bucket_rows.items():
             shuffled = [rows[i] for i in rng.permutation(len(rows))]
             size = self.batch_sizes[bucket]
             batches.extend(shuffled[start : start + size] for start in range(0, len(shuffled), size))
-        batches = [batches[i] for i in rng.permutation(len(batches))]
+        batches = [batches[i] for i in rng.permutation(len(batches))][offset:]
         # cyclic, for the case of fewer batches than ranks
-        batches.extend(batches[i % len(batches)] for i in range(self.repeated_batches))
+        padding = self.segment_steps(offset) * self.world_size - len(batches)
+        batches.extend(batches[i % len(batches)] for i in range(padding))
         return batches
 
     def plan(self, start: SamplerPosition) -> Iterator[PlannedBatch]:
         """This rank's batches from `start` on, forever. Pure: leaves `position` alone."""
-        epoch, index = start.epoch, start.batch
+        epoch, index, offset = start.epoch, start.batch, start.offset
         while True:
-            batches = self.epoch_batches(epoch)
-            for i in range(index, self.steps_per_epoch):
-                global_index = i * self.world_size + self.rank
-                after = SamplerPosition(epoch, i + 1) if i + 1 < self.steps_per_epoch else SamplerPosition(epoch + 1, 0)
-                yield PlannedBatch(rows=batches[global_index], epoch=epoch, global_index=global_index, after=after)
-            epoch, index = epoch + 1, 0
+            batches, steps = self.epoch_batches(epoch, offset), self.segment_steps(offset)
+            for i in range(index, steps):
+                global_index = offset + i * self.world_size + self.rank
+                after = SamplerPosition(epoch, i + 1, offset) if i + 1 < steps else SamplerPosition(epoch + 1, 0)
+                yield PlannedBatch(rows=batches[global_index - offset], epoch=epoch, global_index=global_index,
+                                   after=after)
+            epoch, index, offset = epoch + 1, 0, 0
 
     def __iter__(self) -> Iterator[list[int]]:
         for planned in self.plan(self.position):
@@ -168,28 +177,38 @@ class BucketBatchSampler:
         return {
             "epoch": self.position.epoch,
             "batch": self.position.batch,
+            "offset": self.position.offset,
             "seed": self.seed,
             "world_size": self.world_size,
             "layout": self._layout,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a saved position; refuses one saved under a different seed, world size or data layout."""
-        for name, current in (("seed", self.seed), ("world_size", self.world_size)):
-            if state.get(name) != current:
-                raise CogtuneError(
-                    f"cannot resume: the checkpoint's data order was made with {name} {state.get(name)}, "
-                    f"this run has {current} (resume with the same {name}, or start a new run)"
-                )
+        """Continue from a saved position; refuses one saved under a different seed or data layout.
+
+        Saved under another world size, the epoch goes on where it stood: what the old ranks took of it (their
+        padding repeats aside) is skipped, and the new ranks share out the rest, padded to their number.
+        """
+        if state.get("seed") != self.seed:
+            raise CogtuneError(
+                f"cannot resume: the checkpoint's data order was made with seed {state.get('seed')}, this run has "
+                f"{self.seed} (resume with the same seed, or start a new run)"
+            )
         if state.get("layout") != self._layout:
             raise CogtuneError(
                 "cannot resume: the store's samples or batch sizes changed since the checkpoint "
                 "(resume with the same store and batch sizes, or start a new run)"
             )
-        epoch, batch = int(state["epoch"]), int(state["batch"])
-        if epoch < 0 or not 0 <= batch < self.steps_per_epoch:
-            raise CogtuneError(f"cannot resume: position epoch {epoch} batch {batch} is out of range")
-        self.position = SamplerPosition(epoch, batch)
+        epoch, batch, world = (int(state[k]) for k in ("epoch", "batch", "world_size"))
+        offset = int(state.get("offset", 0))  # checkpoints from before elastic resume have none
+        if epoch < 0 or not 0 <= offset < self.batches_per_epoch or batch < 0:
+            raise CogtuneError(f"cannot resume: position epoch {epoch} batch {batch} offset {offset} is out of range")
+        if world != self.world_size:
+            taken = min(offset + batch * world, self.batches_per_epoch)
+            epoch, batch, offset = (epoch + 1, 0, 0) if taken == self.batches_per_epoch else (epoch, 0, taken)
+        if batch >= self.segment_steps(offset):
+            raise CogtuneError(f"cannot resume: position epoch {epoch} batch {batch} offset {offset} is out of range")
+        self.position = SamplerPosition(epoch, batch, offset)
 
     def _layout_fingerprint(self) -> str:
         """Hash of which rows are in which bucket and the batch sizes: a position means nothing if they change."""

@@ -123,8 +123,9 @@ class TrainState:
     """Data position after the last trained batch: the loader's ``position`` (`BucketBatchSampler.state_dict`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """JSON-ready values the trainer wants back on resume (e.g. the run's config hash, smoothed loss)."""
-    rng: RngStates = field(default_factory=RngStates.capture)
-    """This process's generator states; by default those at the moment the TrainState is made."""
+    rng: RngStates | None = field(default_factory=RngStates.capture)
+    """This process's generator states; by default those at the moment the TrainState is made. None when read
+    from a checkpoint that has no file for this rank (saved by fewer processes)."""
 
     @property
     def epoch(self) -> int:
@@ -172,5 +173,5 @@ def load_checkpoint_dir(path: Path, rank: int = 0) -> TrainState:
         step=int(document["step"]),
         sampler=document["sampler"],
         extra=document["extra"],
-        rng=RngStates.load(path / rng_file_name(rank)),
+        rng=RngStates.load(path / rng_file_name(rank)) if (path / rng_file_name(rank)).exists() else None,
     )

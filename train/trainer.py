@@ -6,6 +6,7 @@ A run folder (``--out``) holds::
     RUN/
       config.yaml                      the resolved config: ``--config RUN/config.yaml`` repeats the run
       losses.jsonl                     one line per optimizer step: step, epoch and the logged metrics (rank 0)
+      samples/rank-R.jsonl             with --log-samples: the index rows each step trained, per rank
       checkpoints/step-000500/         accelerate state (model, optimizer, lr schedule, RNG) + train_state.json
       logs/                            tensorboard (or nothing, with wandb / none)
       validation/                      validation videos
@@ -51,6 +52,7 @@ from .run_lock import hold_run_folder
 from .state import RngStates
 
 LOSSES = "losses.jsonl"
+SAMPLES = "samples"
 SUMMARY = "summary.json"
 LOGS = "logs"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -216,6 +218,8 @@ class Stepper:
     def __post_init__(self) -> None:
         # listed once: walking every parameter of a 5B model each step costs time for nothing
         self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.trained_rows: list[int] = []
+        """Index rows of this rank's batches in the last step."""
 
     def step(self, step: int, batches, stop_requested: bool = False) -> tuple[dict[str, float], dict[str, Any], bool]:
         """Optimizer step `step` (from 1) over the next --gradient-accumulation-steps batches.
@@ -229,6 +233,7 @@ class Stepper:
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         samples, grad_norm, data_wait = 0, None, 0.0
+        self.trained_rows = []
         for micro in range(accumulation):
             waited = time.perf_counter()
             batch, position = next(batches)
@@ -252,6 +257,7 @@ class Stepper:
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             samples += batch["mean"].shape[0]
+            self.trained_rows += batch["rows"].tolist()
         # one collective for all three: the loss averaged over ranks, the samples summed, any rank's stop signal
         counts = torch.tensor([float(samples), float(stop_requested)], device=device)
         totals = accelerator.reduce(torch.cat([loss_sum[None], counts]), "sum")
@@ -308,7 +314,8 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
     stepper, loader, max_steps = prepare(config, inputs, accelerator)
     start_step = 0
     if inputs.resume_from is not None:
-        start_step = resume(accelerator, stepper.model, loader, inputs.resume_from, config.mode)
+        start_step = resume(accelerator, stepper.model, stepper.lr_scheduler, loader, inputs.resume_from, config.mode,
+                            config.seed)
     if accelerator.is_main_process:
         start_run_folder(config, start_step)
     accelerator.init_trackers("cogtrain", config=tracker_config(config))
@@ -325,6 +332,8 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                 metrics, position, stopping = stepper.step(step, batches, signals.requested)
                 losses.append(metrics["loss"])
                 accelerator.log(metrics, step=step)
+                if config.log_samples:
+                    log_samples(config.out, accelerator.process_index, step, stepper.trained_rows)
                 if accelerator.is_main_process:
                     log_step(config.out, step, position, metrics)
                     bar.update(1)
@@ -358,16 +367,24 @@ def start_run_folder(config: TrainConfig, start_step: int) -> None:
     the resumed step (a run killed after its last checkpoint logged steps that are trained again now)."""
     config.out.mkdir(parents=True, exist_ok=True)
     config.save(config.out)
-    losses = config.out / LOSSES
-    if losses.exists():
-        kept = [line for line in losses.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        atomic_write_text(losses, "".join(line + "\n" for line in kept))
+    for log in [config.out / LOSSES, *sorted((config.out / SAMPLES).glob("rank-*.jsonl"))]:
+        if log.exists():
+            kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            atomic_write_text(log, "".join(line + "\n" for line in kept))
 
 
 def log_step(run: Path, step: int, position: dict[str, Any], metrics: dict[str, float]) -> None:
     """Append one line to losses.jsonl: what resume tests compare, and a log that needs no tensorboard."""
     with open(run / LOSSES, "a") as f:
         f.write(json.dumps({"step": step, "epoch": position["epoch"], **metrics}) + "\n")
+
+
+def log_samples(run: Path, rank: int, step: int, rows: list[int]) -> None:
+    """Append the index rows this rank trained at `step` to RUN/samples/rank-R.jsonl (--log-samples)."""
+    folder = run / SAMPLES
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank-{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "rows": rows}) + "\n")
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:
