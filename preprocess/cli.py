@@ -17,6 +17,7 @@ from ..shared.buckets import (
 )
 from ..shared.cli import make_app, quiet_hub_progress_bars
 from ..shared.config import config_option
+from ..shared.disk import human_bytes
 from ..shared.errors import CogtuneError, exit_on_user_error
 from ..shared.fingerprint import FileHashes
 from ..shared.models import Model, open_model
@@ -24,12 +25,11 @@ from .datasets import read_dataset
 from .encode import (
     PREP_COMPONENTS,
     RunOptions,
-    human_bytes,
     model_fingerprints,
     run_encode,
 )
 from .frames import FrameSampling
-from .plan import CACHE_DIR, EncodeSettings, plan_against_store
+from .plan import CACHE_DIR, IMAGE_FOR_I2V, EncodeSettings, plan_against_store
 
 app = make_app(
     "cogprep",
@@ -46,7 +46,7 @@ def _bucket_spec(model: Model, resolution: str | None, buckets: Path | None) -> 
     else:
         f, h, w = model.native_size()
         spec = bucket_spec_from_resolution(resolution or f"{f}x{h}x{w}", model.variant)
-    check_buckets_for_model(spec, model.variant, model.native_size()[1:])
+    check_buckets_for_model(spec, model)
     return spec
 
 
@@ -80,7 +80,7 @@ def encode(
     workers: int = typer.Option(2, help="CPU processes decoding and resizing clips while the model encodes."),
     device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:1, ..."),
     strict: bool = typer.Option(False, help="Any bad item: exit 2 and write nothing."),
-    verify: bool = typer.Option(False, help="Re-hash every file instead of trusting unchanged size and mtime."),
+    rehash: bool = typer.Option(False, help="Re-hash every source file instead of trusting unchanged size and mtime."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     config: Optional[Path] = config_option(),
 ) -> None:
@@ -102,7 +102,7 @@ def encode(
     if resize not in ("crop", "stretch"):
         raise CogtuneError(f"--resize {resize!r}: choose crop or stretch")
     options = RunOptions(device=device, workers=workers, text_batch_size=text_batch_size, vae_tiling=vae_tiling,
-                         vae_slicing=vae_slicing, strict=strict, verify=verify, shard_max_items=shard_max_items,
+                         vae_slicing=vae_slicing, strict=strict, rehash=rehash, shard_max_items=shard_max_items,
                          validation_prompts=validation_prompts, validation_images=validation_images,
                          progress=progress)
     info = {"path": str(Path(dataset).resolve()), "layout": data.layout, "file": str(data.file),
@@ -140,7 +140,7 @@ def _print_summary(store: Path, result) -> None:
 
 def _reason_kind(reason: str) -> str:
     text = reason.lower()
-    for kind in ("missing", "empty", "usable frames", "decode", "caption", "no partner", "zero", "not a"):
+    for kind in (IMAGE_FOR_I2V, "missing", "empty", "usable frames", "decode", "caption", "zero", "not a"):
         if kind in text:
             return kind
     return "other"
@@ -152,11 +152,14 @@ def status(
     dataset: Path = typer.Argument(..., help="The dataset folder or file the store was encoded from."),
     store: Path = typer.Option(..., "--store", help="The store to compare with."),
     model: Optional[str] = typer.Option(None, help="Model to compare with (default: the one the store was made with)."),
-    verify: bool = typer.Option(False, help="Re-hash every file instead of trusting unchanged size and mtime."),
+    rehash: bool = typer.Option(False, help="Re-hash every source file instead of trusting unchanged size and mtime."),
 ) -> None:
     """Print what an encode would do (new / changed / removed / unchanged); exit 1 when the store is stale."""
-    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json", verify=verify)
-    m = open_model(model or S.Manifest.load(store).model["path"], PREP_COMPONENTS)
+    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json", rehash=rehash)
+    manifest = S.Manifest.load(store)
+    m = open_model(model or manifest.model["path"], PREP_COMPONENTS)
+    # a store an older cogtune made at a size this model cannot train at: an encode would refuse its buckets
+    check_buckets_for_model(BucketSpec.from_json(manifest.settings["buckets"]), m, where=str(store))
     plan = plan_against_store(dataset, store, model_fingerprints(m, hashes)[2], hashes)
     counts = {k: len(v) for k, v in plan.changes.items()}
     typer.echo(" ".join(f"{k} {counts[k]}" for k in ("new", "changed", "removed", "unchanged"))
@@ -168,6 +171,31 @@ def status(
         typer.echo("store is stale: run cogprep encode")
         raise typer.Exit(1)
     typer.echo("store is current")
+
+
+@app.command()
+@exit_on_user_error
+def verify(
+    store: Path = typer.Argument(..., help="The store to check."),
+    workers: int = typer.Option(0, help="Shards read at once (0: one per core, at most 8)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Read back every cached member the index points at (sizes, gzip CRC, safetensors, shapes and dtypes);
+    list the damaged samples, record them for the next cogprep encode to re-encode, exit 1 if any."""
+    from .verify import record_damage, verify_store
+
+    with S.store_lock(store):
+        result = verify_store(store, workers=workers, progress=progress)
+        record_damage(store, result)
+    for sample in result.damaged_samples:
+        typer.echo(f"damaged: {sample['source']} ({sample['bucket']}, caption {sample['caption']!r}): "
+                   f"{sample['problem']}")
+    summary = (f"{store}: checked {result.members} members ({human_bytes(result.bytes_read)}); "
+               f"{len(result.damaged_samples)} damaged samples")
+    if result.damaged_samples:
+        typer.echo(f"{summary}: recorded in {S.DAMAGED}; cogprep encode re-encodes them from their sources")
+        raise typer.Exit(1)
+    typer.echo(summary)
 
 
 @app.command("gc")

@@ -10,8 +10,8 @@ Layouts (auto-detected, or named explicitly):
   ``width`` / ``height``.
 
 Paths are relative to the folder holding the dataset file, or absolute. A problem with one item (missing file,
-empty or undecodable caption, a line with no partner) makes a `BadItem` naming the file and line, and the rest
-is read; a file that cannot be read as its layout at all raises `CogtuneError`.
+empty or undecodable caption) makes a `BadItem` naming the file and line, and the rest is read; a file that
+cannot be read as its layout at all, or ``txt`` lists of different lengths, raise `CogtuneError`.
 """
 
 from __future__ import annotations
@@ -154,28 +154,15 @@ def _read_txt(root: Path, prompts_name: str, videos_name: str) -> Dataset:
     for f in (prompts_file, videos_file):
         if not f.is_file():
             raise CogtuneError(f"{f}: not found (the txt layout pairs {prompts_name} with {videos_name})")
-    captions = split_lines(read_text_file(prompts_file))
-    paths = split_lines(read_text_file(videos_file))
-    images = split_lines(read_text_file(images_file)) if images_file.is_file() else None
+    lists = read_paired_lists([prompts_file, videos_file, *([images_file] if images_file.is_file() else [])])
+    captions, paths, images = lists[0], lists[1], (lists[2] if len(lists) == 3 else None)
     items: list[DatasetItem] = []
     bad: list[BadItem] = []
-    length = max(len(captions), len(paths), len(images or []))
-    for index in range(length):
+    for index, source in enumerate(paths):
         line = index + 1
-        if index >= len(paths):
-            at = f"{prompts_name if index < len(captions) else IMAGES_FILE} line {line}"
-            bad.append(BadItem(at, f"{at}: no video ({videos_name} has {len(paths)} lines)"))
-            continue
-        source = paths[index]
         at = f"{videos_name} line {line}"
-        if index >= len(captions):
-            bad.append(BadItem(source, f"{at}: no caption ({prompts_name} has {len(captions)} lines)"))
-            continue
         image = None
         if images is not None:
-            if index >= len(images):
-                bad.append(BadItem(source, f"{at}: no image ({IMAGES_FILE} has {len(images)} lines)"))
-                continue
             image, problem = _resolve(root, images[index], "image path")
             if problem:
                 bad.append(BadItem(source, f"{IMAGES_FILE} line {line}: {problem}"))
@@ -344,6 +331,31 @@ def read_text_file(file: Path) -> str:
         except UnicodeDecodeError:
             raise CogtuneError(f"{file}: starts with a UTF-16 byte order mark but is not valid UTF-16") from None
     return data.removeprefix(_UTF8_BOM).decode("utf-8", errors="surrogateescape")
+
+
+def read_paired_lists(files: list[Path]) -> list[list[str]]:
+    """The lines of lists that pair by line number (prompts, videos, images), one list per file, all as long.
+
+    Lists of different lengths are refused whole: one missing line would pair every later video with the next
+    one's caption. Trailing blank lines count only as far as another list reaches (an editor's final blank
+    lines are no entries; the empty images.txt line extract-frames writes for an unreadable last video is one).
+    """
+    texts = [read_text_file(f) for f in files]
+    lines = [_all_lines(text) for text in texts]
+    entries = [len(split_lines(text)) for text in texts]
+    length = max(entries)
+    short = min(range(len(files)), key=lambda i: len(lines[i]))
+    if len(lines[short]) < length:
+        long = entries.index(length)
+        raise CogtuneError(f"{files[long]} has {entries[long]} lines but {files[short]} has {entries[short]}: "
+                           f"the lists pair line by line, so they must have as many lines")
+    return [ls[:length] for ls in lines]
+
+
+def _all_lines(text: str) -> list[str]:
+    """Every line, trailing blank ones included (only the end of the last line is no line of its own)."""
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def split_lines(text: str) -> list[str]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..shared import store as S
 from ..shared.buckets import Bucket, BucketSpec
+from ..shared.disk import free_bytes, human_bytes, is_write_failure, write_error
 from ..shared.errors import CogtuneError
 from ..shared.fingerprint import FileHashes, hash_json
 from ..shared.models import Model, parse_dtype
@@ -33,6 +34,7 @@ from .datasets import BadItem, Dataset
 from .frames import resize_to_bucket
 from .plan import (
     CACHE_DIR,
+    INPUT_ERRORS,
     EncodeSettings,
     Plan,
     VideoJob,
@@ -67,7 +69,7 @@ class RunOptions:
     vae_slicing: bool = False
     strict: bool = False
     """Any bad item: exit 2 and write nothing."""
-    verify: bool = False
+    rehash: bool = False
     """Re-hash every file instead of trusting unchanged (size, mtime)."""
     shard_max_bytes: int = 1 << 30
     shard_max_items: int = 1000
@@ -152,13 +154,21 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
         shutil.rmtree(store / PENDING, ignore_errors=True)
     _barrier(world)
 
-    hashes = FileHashes(store / CACHE_DIR / "files.json", verify=options.verify)
+    hashes = FileHashes(store / CACHE_DIR / "files.json", rehash=options.rehash)
     vae_fp, text_fp, fps = model_fingerprints(model, hashes)
-    plan = plan_encode(dataset, spec, settings, vae_fp, text_fp, store, hashes, save_caches=False)
+    plan = plan_encode(dataset, spec, settings, vae_fp, text_fp, store, hashes, model.variant.task,
+                       save_caches=False)
     result = EncodeResult(plan=plan)
     if options.strict and plan.bad:
         raise CogtuneError(f"{plan.bad[0].reason} (and {len(plan.bad) - 1} more bad items; --strict writes nothing)"
                            if len(plan.bad) > 1 else f"{plan.bad[0].reason} (--strict writes nothing)")
+    if not plan.samples:
+        raise _nothing_to_encode(dataset, plan.bad)
+    needed, free = estimate_bytes(plan, model, settings), free_bytes(store)
+    if needed > free:
+        raise CogtuneError(f"{store}: this encode writes up to {human_bytes(needed)} ({len(plan.video_jobs)} clips, "
+                           f"{len(plan.text_jobs)} captions), the disk has {human_bytes(free)} free: free space, or "
+                           f"encode into a folder on another disk")
 
     store.mkdir(parents=True, exist_ok=True)
     if not options.strict:  # --strict writes nothing before it commits, not even the caches
@@ -188,6 +198,16 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
     extras = None
     written = 0
     packer = _Packer(writer)
+
+    def discard_run() -> None:
+        """Delete every shard and folder this rank wrote (the writers are closed or aborted)."""
+        for w in writers.values():
+            for shard in w.closed_shards:
+                (store / shard).unlink(missing_ok=True)
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+        if created is not None and rank == 0:
+            shutil.rmtree(created, ignore_errors=True)
 
     def record(done: list[tuple[Any, dict[str, S.Location]]]) -> None:
         nonlocal written
@@ -235,30 +255,39 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
         record(packer.finish())
         for w in writers.values():
             w.close()
-        if extras is not None:
-            S.write_extras(store, *extras)
-    except BaseException:
+    except BaseException as e:
         packer.cancel()  # the packing thread stops before the shards it writes to are dropped
         for w in writers.values():
             w.abort()
         if options.strict:  # nothing of this run may remain
-            for w in writers.values():
-                for shard in w.closed_shards:
-                    (store / shard).unlink(missing_ok=True)
-            for folder in made:
-                shutil.rmtree(folder, ignore_errors=True)
-            if created is not None and rank == 0:
-                shutil.rmtree(created, ignore_errors=True)
+            discard_run()
+        if isinstance(e, Exception) and is_write_failure(e):
+            raise write_error(getattr(e, "filename", None) or store, e, "the store",
+                              "free space, then run cogprep encode again (the store keeps its last commit, and "
+                              "the shards finished before the failure are reused)") from None
         raise
 
     pending = store / PENDING / f"{prefix}.json"
     pending.parent.mkdir(parents=True, exist_ok=True)
     S.atomic_write_text(pending, json.dumps({"texts": new_texts, "videos": new_videos, "failures": failures}))
     _barrier(world)
+    lists = _pending_lists(store)
+    failed = {key: reason for data in lists for key, reason in data["failures"].items()}
+    if all(sample["video_key"] in failed for sample in plan.samples):
+        # Every clip failed to decode: a commit would replace the store with an empty one. Every rank read the
+        # same lists, so all refuse together; rank 0 removes the lists once all have read them.
+        _barrier(world)
+        discard_run()
+        if rank == 0:
+            shutil.rmtree(store / PENDING, ignore_errors=True)
+        skipped = {sample["source"]: failed[sample["video_key"]] for sample in plan.samples}
+        raise _nothing_to_encode(dataset, [*plan.bad, *(BadItem(s, r) for s, r in skipped.items())])
     if rank == 0:
+        if extras is not None:
+            S.write_extras(store, *extras)
         if options.strict:
             plan.save_caches()
-        _commit(store, model, plan, settings, spec, fps, dataset_info, result)
+        _commit(store, model, plan, settings, spec, fps, dataset_info, lists, result)
         result.seconds = time.time() - started
         _write_report(store, result)
     _barrier(world)
@@ -300,13 +329,42 @@ def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSetting
     return members
 
 
+TAR_OVERHEAD = 2048
+"""Bytes a shard spends per member beyond its data, at most: a 512-byte header and padding to 512 bytes, with
+room for the metadata member."""
+
+
+def estimate_bytes(plan: Plan, model: Model, settings: EncodeSettings) -> int:
+    """What encoding `plan` writes at most: its tensors uncompressed (gzip only takes away) plus tar overhead.
+
+    A clip is its posterior mean and log-variance, C x ((F-1)/4+1) x H/8 x W/8 each (+ the I2V image, clean and
+    K noisy, C x 1 x H/8 x W/8 each); a caption its text_length x D embedding."""
+    size = parse_dtype(settings.dtype).itemsize
+    vae = model.config("vae")
+    total = 0
+    for job in plan.video_jobs.values():
+        frames, height, width = latent_grid(vae, (job.bucket.frames, job.bucket.height, job.bucket.width))
+        frame = vae["latent_channels"] * height * width * size
+        total += 2 * frames * frame + 2 * TAR_OVERHEAD
+        if settings.image_noise_variants:
+            total += (1 + settings.image_noise_variants) * frame + 4 * settings.image_noise_variants + TAR_OVERHEAD
+    width = model.config("text_encoder")["d_model"]
+    total += len(plan.text_jobs) * (settings.text_length * width * size + 2 * TAR_OVERHEAD)
+    return total
+
+
+def latent_grid(vae_config, pixels: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(latent frames, height, width) the VAE gives for F x H x W pixels: (F-1)/4+1 x H/8 x W/8 for CogVideoX."""
+    temporal = vae_config["temporal_compression_ratio"]
+    spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    frames, height, width = pixels
+    return (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
 def check_latent_shape(vae, pixels: tuple[int, int, int], latents: tuple[int, ...], source: Path) -> None:
     """The VAE must give (F-1)/4+1 latent frames of H/8 x W/8 for F x H x W pixels, as the pipelines assume.
     Its tiled encode can miss by a row or column (seen with small tile sizes): refuse before caching that."""
-    temporal = vae.config.temporal_compression_ratio
-    spatial = 2 ** (len(vae.config.block_out_channels) - 1)
-    frames, height, width = pixels
-    expected = ((frames - 1) // temporal + 1, height // spatial, width // spatial)
+    expected = latent_grid(vae.config, pixels)
     if latents != expected:
         hint = ": encode without --vae-tiling" if getattr(vae, "use_tiling", False) else ""
         raise CogtuneError(f"{source}: the VAE gave latents of {'x'.join(map(str, latents))} for "
@@ -365,7 +423,8 @@ class _Packer:
 
 
 class _DecodeJobs:
-    """Decode + resize in DataLoader workers; a failure comes back as an error string, never an exception."""
+    """Decode + resize in DataLoader workers. A damaged or unreadable file comes back as an error string; any
+    other exception is a bug and propagates (from a worker process the DataLoader raises it again here)."""
 
     def __init__(self, jobs: list[VideoJob], resize: str, i2v: bool):
         self.jobs, self.resize, self.i2v = jobs, resize, i2v
@@ -385,7 +444,7 @@ class _DecodeJobs:
                 first = read_frames(job.image, [0]) if job.image is not None else frames[:1]
                 out["image"] = torch.from_numpy(resize_to_bucket(first, b.height, b.width, self.resize)[0])
             return out
-        except Exception as e:
+        except INPUT_ERRORS as e:
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
             return {"index": i, "error": text if str(job.path) in text else f"{job.path}: {text}"}
 
@@ -487,15 +546,29 @@ def _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, st
     return tensors, meta
 
 
+def _pending_lists(store: Path) -> list[dict[str, Any]]:
+    """What every rank of this run wrote and failed to decode: {"texts", "videos", "failures"} per rank."""
+    return [json.loads(pending.read_text()) for pending in sorted((store / PENDING).glob("*.json"))]
+
+
+def _nothing_to_encode(dataset: Dataset, skipped: list[BadItem]) -> CogtuneError:
+    """The refusal of an encode that would commit no sample: an empty dataset, or one whose every entry is bad."""
+    if not skipped:
+        return CogtuneError(f"{dataset.file}: the dataset lists no samples; nothing to encode")
+    return CogtuneError(f"{dataset.file}: all {len(skipped)} entries of the dataset are bad, no sample to encode "
+                        f"(first: {skipped[0].reason})")
+
+
 def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spec: BucketSpec,
-            fps: dict[str, str], dataset_info: dict[str, Any], result: EncodeResult) -> None:
-    """Rank 0: merge every rank's new items with the known ones, write the index (the commit), the manifest."""
+            fps: dict[str, str], dataset_info: dict[str, Any], lists: list[dict[str, Any]],
+            result: EncodeResult) -> None:
+    """Rank 0: merge every rank's new items (`lists`, see `_pending_lists`) with the known ones, write the index
+    (the commit), the manifest."""
     videos = dict(plan.video_locations)
     texts = dict(plan.text_locations)
     failures: dict[str, str] = {}
     result.encoded_videos = result.encoded_texts = 0  # every rank's work, from the lists they left
-    for pending in sorted((store / PENDING).glob("*.json")):
-        data = json.loads(pending.read_text())
+    for data in lists:
         result.encoded_videos += len(data["videos"])
         result.encoded_texts += len(data["texts"])
         for key, members in data["videos"].items():
@@ -543,6 +616,8 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
     )
     S.write_index(store, rows, manifest)  # the commit point: rows and manifest together
     _test_kill("index")
+    # the plan re-encoded what cogprep verify found damaged: the new index points at none of it
+    S.write_damaged(store, {}, [])
     S.atomic_write_text(store / S.STORE_JSON, manifest.to_json())  # the readable copy
     shutil.rmtree(store / PENDING, ignore_errors=True)
     result.samples = len(rows)
@@ -560,10 +635,4 @@ def _write_report(store: Path, result: EncodeResult) -> None:
     S.atomic_write_text(store / S.REPORT, json.dumps(report, indent=2))
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 

@@ -37,10 +37,10 @@ from ..shared.models import Model
 from ..shared.video import read_frames
 from .datasets import (  # the txt reader's own line rules: line N here is line N there
     IMAGES_FILE,
+    PROMPTS_FILE,
     VIDEOS_FILE,
     BadItem,
-    read_text_file,
-    split_lines,
+    read_paired_lists,
 )
 from .encode import PENDING, RunOptions
 
@@ -340,7 +340,10 @@ def extract_first_frames(dataset: Path, out_dir: str = "images", overwrite: bool
         raise CogtuneError(f"{videos_file}: not found (extract-frames works on txt datasets: prompts.txt + videos.txt)")
     if images_file.exists() and not overwrite:
         raise CogtuneError(f"{images_file}: exists; pass --overwrite to replace it")
-    written_paths = [line.strip() for line in split_lines(read_text_file(videos_file))]
+    # images.txt pairs with both lists by line number: lists of different lengths are refused as encode refuses them
+    prompts_file = root / PROMPTS_FILE
+    lists = read_paired_lists([videos_file, *([prompts_file] if prompts_file.is_file() else [])])
+    written_paths = [line.strip() for line in lists[0]]
     names = _image_names(written_paths, out_dir)
     if not overwrite:
         taken = [n for n in dict.fromkeys(names.values()) if (root / n).exists()]

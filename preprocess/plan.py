@@ -21,11 +21,19 @@ from typing import Any
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.buckets import Bucket, BucketSpec, assign_bucket
+from ..shared.errors import CogtuneError
 from ..shared.fingerprint import FileHashes, hash_json
 from ..shared.store import CACHE_DIR
+from ..shared.variants import get_variant
 from ..shared.video import read_video_info
 from .datasets import BadItem, Dataset, DatasetItem, read_dataset
 from .frames import ClipWindow, FrameSampling, plan_clips, usable_frames
+
+INPUT_ERRORS = (CogtuneError, OSError)
+"""What a damaged, missing or unreadable input file raises (shared/video.py turns every decoder error into a
+`CogtuneError`): such an item is skipped and reported. Any other exception is a bug in cogtune and propagates."""
+IMAGE_FOR_I2V = "image for image-to-video"
+"""Why an image-to-video model skips image entries (the summary counts skipped items by this phrase)."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +145,9 @@ def plan_against_store(dataset: Path, store: Path, fingerprints: dict[str, str] 
     recorded = dict(manifest.settings)
     settings = EncodeSettings(**{**recorded, "sampling": FrameSampling(**recorded["sampling"])})
     hashes = hashes or FileHashes(Path(store) / CACHE_DIR / "files.json")
+    task = get_variant(manifest.model["variant"]).task
     return plan_encode(data, BucketSpec.from_json(recorded["buckets"]), settings, fingerprints["vae"],
-                       text_fingerprint(fingerprints), Path(store), hashes)
+                       text_fingerprint(fingerprints), Path(store), hashes, task)
 
 
 def text_key(caption: str, text_fingerprint: str, settings: EncodeSettings) -> str:
@@ -153,11 +162,13 @@ def plan_encode(
     text_fingerprint: str,
     store: Path,
     hashes: FileHashes,
+    task: str,
     save_caches: bool = True,
 ) -> Plan:
     """Compare the dataset as it is now with the store and list the work. Reads no video that it knows.
 
-    With `save_caches` False nothing is written (the caller calls `Plan.save_caches` when it may write)."""
+    `task` is the model's (``t2v`` or ``i2v``): an image-to-video model skips image entries. With `save_caches`
+    False nothing is written (the caller calls `Plan.save_caches` when it may write)."""
     probes = ProbeCache(Path(store) / CACHE_DIR / "probe.json")
     bad = list(dataset.bad)
     samples: list[dict[str, Any]] = []
@@ -165,9 +176,15 @@ def plan_encode(
     item_settings = [settings.resize, asdict(settings.sampling), vae_fingerprint, settings.dtype,
                      settings.image_noise_variants, settings.seed]
     for item in dataset.items:
+        if item.kind == "image" and task == "i2v":
+            # An I2V sample is conditioned on its first frame: a 1-frame sample would be conditioned on itself
+            # and teach the model to copy its condition.
+            bad.append(BadItem(item.source, f"{item.path}: {IMAGE_FOR_I2V}: a still image would be conditioned on "
+                                            f"itself (image-to-video trains on videos only)"))
+            continue
         try:
             planned = _plan_item(item, spec, settings, item_settings, text_fingerprint, hashes, probes)
-        except Exception as e:  # one bad file never stops the run: it is reported and skipped
+        except INPUT_ERRORS as e:  # one bad file never stops the run: it is reported and skipped
             bad.append(BadItem(item.source, _one_line(e, item.path)))
             continue
         if isinstance(planned, str):
@@ -185,6 +202,10 @@ def plan_encode(
         S.Manifest.load(store)  # refuses a store of another format version: its items are not reusable
     old_rows = S.read_index(store)
     video_locations, text_locations = _known_items(store, old_rows)
+    damaged = S.read_damaged(store)  # found by cogprep verify: cached, but not reusable
+    for key in damaged:
+        video_locations.pop(key, None)
+        text_locations.pop(key, None)
     plan = Plan(
         samples=samples,
         video_jobs={k: j for k, j in jobs.items() if k not in video_locations},
@@ -194,7 +215,7 @@ def plan_encode(
         bad=bad,
         caches=[hashes, probes],
     )
-    plan.changes = _changes(old_rows, samples)
+    plan.changes = _changes(old_rows, samples, set(damaged))
     return plan
 
 
@@ -283,7 +304,9 @@ def _known_items(store: Path, old_rows: list[dict[str, Any]]):
     return video, text
 
 
-def _changes(old_rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> dict[str, list[str]]:
+def _changes(old_rows: list[dict[str, Any]], samples: list[dict[str, Any]],
+             damaged: set[str]) -> dict[str, list[str]]:
+    """Sources by what an encode does to them; a source with `damaged` cached items counts as changed."""
     def by_source(rows):
         out: dict[str, set] = {}
         for r in rows:
@@ -291,11 +314,13 @@ def _changes(old_rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> d
         return out
 
     old, new = by_source(old_rows), by_source(samples)
+    hurt = {r["source"] for r in old_rows if r["video_key"] in damaged or r["text_key"] in damaged}
+    kept = {s for s in new if s in old and new[s] == old[s] and s not in hurt}
     return {
         "new": sorted(s for s in new if s not in old),
-        "changed": sorted(s for s in new if s in old and new[s] != old[s]),
+        "changed": sorted(s for s in new if s in old and s not in kept),
         "removed": sorted(s for s in old if s not in new),
-        "unchanged": sorted(s for s in new if s in old and new[s] == old[s]),
+        "unchanged": sorted(kept),
     }
 
 

@@ -252,7 +252,8 @@ def stage_times(model_path: Path, data: Path, store: Path, empty: Path, workers:
     hashes = FileHashes(None)
     vae_fp, text_fp, _ = E.model_fingerprints(model, hashes)
     empty.mkdir(parents=True, exist_ok=True)
-    plan = plan_encode(read_dataset(data), BucketSpec.from_json(st["buckets"]), settings, vae_fp, text_fp, empty, hashes)
+    plan = plan_encode(read_dataset(data), BucketSpec.from_json(st["buckets"]), settings, vae_fp, text_fp, empty, hashes,
+                       model.variant.task)
     jobs = [plan.video_jobs[k] for k in sorted(plan.video_jobs)]
     options = E.RunOptions(workers=workers, progress=False)
 

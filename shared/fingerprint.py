@@ -1,7 +1,7 @@
 """Content fingerprints: of files, of folders of model weights, and of arbitrary JSON-able settings.
 
 A file's content hash is remembered by (real path, size, mtime_ns) in a small JSON cache, so an unchanged
-file is recognised without being read again; ``verify=True`` re-reads it anyway. Hashes are sha256, shortened
+file is recognised without being read again; ``rehash=True`` re-reads it anyway. Hashes are sha256, shortened
 to 32 hex characters (128 bits) where they become keys.
 """
 
@@ -39,9 +39,9 @@ class FileHashes:
     ``stats`` counts how many hashes were computed (``hashed``) and how many were taken on trust (``trusted``).
     """
 
-    def __init__(self, cache_path: Path | None = None, verify: bool = False):
+    def __init__(self, cache_path: Path | None = None, rehash: bool = False):
         self.cache_path = cache_path
-        self.verify = verify
+        self.rehash = rehash
         self.entries: dict[str, list] = {}
         self.stats = {"hashed": 0, "trusted": 0}
         self._dirty = False
@@ -59,7 +59,7 @@ class FileHashes:
     def hash(self, path: Path) -> str:
         real, size, mtime = self.stat_key(Path(path))
         hit = self.entries.get(real)
-        if not self.verify and hit is not None and hit[0] == size and hit[1] == mtime:
+        if not self.rehash and hit is not None and hit[0] == size and hit[1] == mtime:
             self.stats["trusted"] += 1
             return hit[2]
         digest = hash_bytes_of_file(Path(path))

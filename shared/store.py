@@ -70,6 +70,7 @@ EXTRAS = "extras.safetensors"
 REPORT = "report.json"
 SHARDS = "shards"
 CACHE_DIR = ".cache"
+DAMAGED = "damaged.json"
 """cogprep's file-hash and probe caches: not part of the store's content."""
 TEXT_BUCKET = "text"
 
@@ -272,9 +273,13 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard (its items were never committed)."""
         if self._tar is not None:
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-            self._tar = None
+            try:
+                self._tar.close()
+            except OSError:  # a full disk fails the tar's end blocks too: the file goes all the same
+                pass
+            finally:
+                self._tmp.unlink(missing_ok=True)
+                self._tar = None
 
 
 def scan_shard(store: Path, shard: str) -> dict[str, dict[str, Location]]:
@@ -418,6 +423,27 @@ def _read_index_table(store: Path, columns: Sequence[str] | None) -> pa.Table | 
         return table if table.schema.equals(schema) else table.cast(schema)
     except (pa.ArrowInvalid, OSError) as e:
         raise CogtuneError(f"{path}: unreadable index ({e})") from None
+
+
+def write_damaged(store: Path, items: dict[str, str], samples: list[dict[str, Any]]) -> None:
+    """Record the damaged items `cogprep verify` found (item key -> problem, and the samples they belong to),
+    for planning to re-encode; nothing damaged removes the record. Hold the store lock."""
+    path = Path(store) / DAMAGED
+    if not items:
+        path.unlink(missing_ok=True)
+        return
+    atomic_write_text(path, json.dumps({"items": items, "samples": samples}, indent=1))
+
+
+def read_damaged(store: Path) -> dict[str, str]:
+    """item key -> problem, of the items `cogprep verify` found damaged since the last encode committed."""
+    path = Path(store) / DAMAGED
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["items"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CogtuneError(f"{path}: unreadable ({e}): delete it and run cogprep verify again") from None
 
 
 def read_index_row(store: Path, i: int, columns: Sequence[str]) -> dict[str, Any]:

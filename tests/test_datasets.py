@@ -36,27 +36,35 @@ def test_txt_layout_with_crlf_bom_and_trailing_blank_lines(tmp_path):
     assert dataset.items[0].image is None
 
 
-def test_txt_layout_more_prompts_than_videos(tmp_path):
-    touch(tmp_path, "a.mp4", "b.mp4")
-    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\nfour\n")
-    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\n")
-    dataset = read_dataset(tmp_path)
-    assert [i.source for i in dataset.items] == ["a.mp4", "b.mp4"]
-    assert [(b.source, b.reason) for b in dataset.bad] == [
-        ("prompts.txt line 3", "prompts.txt line 3: no video (videos.txt has 2 lines)"),
-        ("prompts.txt line 4", "prompts.txt line 4: no video (videos.txt has 2 lines)"),
-    ]
+@pytest.mark.parametrize("prompts, videos, images, longer, shorter", [
+    ("one\ntwo\nthree\nfour\n", "a.mp4\nb.mp4\n", None, ("prompts.txt", 4), ("videos.txt", 2)),
+    # a caption missing in the middle: every later clip would get the next clip's caption
+    ("one\nthree\n", "a.mp4\nb.mp4\nc.mp4\n", None, ("videos.txt", 3), ("prompts.txt", 2)),
+    ("one\ntwo\nthree\n", "a.mp4\nb.mp4\nc.mp4\n", "a.png\nb.png\n", ("prompts.txt", 3), ("images.txt", 2)),
+])
+def test_txt_layout_refuses_lists_of_different_lengths(tmp_path, prompts, videos, images, longer, shorter):
+    touch(tmp_path, "a.mp4", "b.mp4", "c.mp4", "a.png", "b.png")
+    (tmp_path / "prompts.txt").write_text(prompts)
+    (tmp_path / "videos.txt").write_text(videos)
+    if images is not None:
+        (tmp_path / "images.txt").write_text(images)
+    with pytest.raises(CogtuneError) as e:
+        read_dataset(tmp_path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"{tmp_path / longer[0]} has {longer[1]} lines but {tmp_path / shorter[0]} has {shorter[1]}" in message
 
 
-def test_txt_layout_more_videos_than_prompts(tmp_path):
-    touch(tmp_path, "a.mp4", "b.mp4")
-    (tmp_path / "prompts.txt").write_text("one\n")
+def test_txt_layout_trailing_blank_lines_count_only_where_another_list_reaches(tmp_path):
+    """An editor's final blank lines are no entries; an empty last images.txt line (extract-frames writes one for
+    an unreadable last video) is that video's entry."""
+    touch(tmp_path, "a.mp4", "b.mp4", "a.png")
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n\n\n")
     (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\n")
+    (tmp_path / "images.txt").write_text("a.png\n\n")
     dataset = read_dataset(tmp_path)
     assert [i.source for i in dataset.items] == ["a.mp4"]
-    assert [(b.source, b.reason) for b in dataset.bad] == [
-        ("b.mp4", "videos.txt line 2: no caption (prompts.txt has 1 lines)")
-    ]
+    assert [b.reason for b in dataset.bad] == ["images.txt line 2: empty image path"]
 
 
 def test_txt_layout_per_item_problems_are_bad_items(tmp_path):
@@ -80,12 +88,12 @@ def test_txt_layout_with_images_for_i2v(tmp_path):
     touch(tmp_path, "a.mp4", "b.mp4", "c.mp4", "images/a.png")
     (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\n")
     (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\nc.mp4\n")
-    (tmp_path / "images.txt").write_text("images/a.png\nimages/missing.png\n")
+    (tmp_path / "images.txt").write_text("images/a.png\nimages/missing.png\n\n")
     dataset = read_dataset(tmp_path)
     assert [(i.source, i.image) for i in dataset.items] == [("a.mp4", (tmp_path / "images/a.png").resolve())]
     assert [b.reason for b in dataset.bad] == [
         "images.txt line 2: images/missing.png not found",
-        "videos.txt line 3: no image (images.txt has 2 lines)",
+        "images.txt line 3: empty image path",
     ]
 
 

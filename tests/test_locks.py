@@ -115,7 +115,7 @@ def read_only_folder(tmp_path, monkeypatch) -> Path:
         monkeypatch.setattr(S.tempfile, "mkstemp", refuse)
     yield folder
     if mounted:
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 def test_an_encode_into_a_read_only_store_is_refused_in_one_line(demo_txt, tiny_models, read_only_folder):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -92,6 +93,48 @@ def test_json_layout_with_images_mixed_in(tiny_models, tmp_path):
     for r in rows:
         if r["kind"] == "image":
             assert r["frames"] == 1 and r["bucket"].startswith("1x")
+
+
+def _json_with_an_image(root):
+    """Two 10-frame clips and one image, all 32x48 (the I2V tiny model's native size), in a JSON list."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    entries = []
+    for i in range(2):
+        write_video(root / f"clip{i}.mp4", (rng.random((10, 32, 48, 3)) * 255).astype(np.uint8), fps=8)
+        entries.append({"file_path": f"clip{i}.mp4", "text": f"a red circle moving up take {i}", "type": "video"})
+    Image.fromarray((rng.random((32, 48, 3)) * 255).astype(np.uint8)).save(root / "still.png")
+    entries.insert(1, {"file_path": "still.png", "text": "a blue square", "type": "image"})
+    (root / "dataset.json").write_text(json.dumps(entries))
+    return root / "dataset.json"
+
+
+@pytest.mark.parametrize("slug", ["5b", "5b-i2v"])
+def test_image_entries_train_text_to_video_only(slug, tiny_models, tmp_path):
+    """An image-to-video sample is conditioned on its first frame: an image would be conditioned on itself and
+    teach the model to copy its condition. I2V models skip image entries, named in the summary and the report
+    (--strict: exit 2); T2V models train on them as 1-frame samples."""
+    (tmp_path / "data").mkdir()
+    data = _json_with_an_image(tmp_path / "data")
+    store = tmp_path / "store"
+    args = ("--resolution", "9x32x48", "--image-noise-variants", "1")
+    result = encode(data, tiny_models[slug], store, *args)
+    rows = S.read_index(store)
+    buckets = {b["name"] for b in S.Manifest.load(store).buckets}
+    if slug == "5b":
+        assert sorted(r["kind"] for r in rows) == ["image", "video", "video"]
+        assert buckets == {"1x32x48", "9x32x48"} and report(store)["skipped"] == []
+        return
+    assert [r["kind"] for r in rows] == ["video", "video"] and buckets == {"9x32x48"}
+    [skipped] = report(store)["skipped"]
+    assert skipped["source"] == "still.png"
+    assert "still.png: image for image-to-video" in skipped["reason"] and "\n" not in skipped["reason"]
+    assert "skipped 1: image for image-to-video 1" in result.output
+    assert "still.png: image for image-to-video" in encode(data, tiny_models[slug], tmp_path / "strict", *args,
+                                                            "--strict", expect=2).stderr
+    assert not (tmp_path / "strict").exists()
 
 
 def test_csv_layout_and_id_token(dataset, tiny_models, tmp_path):

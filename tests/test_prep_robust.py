@@ -1,5 +1,6 @@
-"""cogprep's robustness claims, tested: bad inputs are skipped with a reason (or refused whole with --strict),
-kill -9 at any moment loses no committed work and re-encodes nothing a closed shard holds, torchrun with two
+"""cogprep's robustness claims, tested: bad inputs are skipped with a reason (or refused whole with --strict)
+while a bug fails the run with its traceback, lists of different lengths and datasets with no usable sample are
+refused with nothing written, kill -9 at any moment loses no committed work and re-encodes nothing a closed shard holds, torchrun with two
 processes makes the same store as one, and incremental re-encodes after random edits equal from-scratch ones."""
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from cogtune.preprocess import encode as E
+from cogtune.preprocess import plan as P
+from cogtune.preprocess.cli import app
 from cogtune.preprocess.encode import KILL_HOOK, PENDING
 from cogtune.shared import store as S
 from cogtune.shared.errors import CogtuneError
@@ -33,7 +38,9 @@ from prep_helpers import (
     read_lines,
     report,
     store_content,
+    write_lines,
 )
+from typer.testing import CliRunner
 
 COGPREP = Path(sys.executable).with_name("cogprep")
 """The console script of this venv: subprocess runs go through the real entry point."""
@@ -162,7 +169,6 @@ def _bad_corpus(root: Path, base_data: Path) -> tuple[Path, dict[str, list[str]]
     write_video(v / "short.mp4", np.full((5, SIZE, SIZE, 3), 128, np.uint8), fps=8)
     _damaged_mp4(v / "damaged.mp4")
     write_video(v / "badcaption.mp4", np.full((FRAMES, SIZE, SIZE, 3), 60, np.uint8), fps=8)
-    write_video(v / "nocaption.mp4", np.full((FRAMES, SIZE, SIZE, 3), 200, np.uint8), fps=8)
     # the damaged clip really is one that probes fine and fails only when its frames are decoded
     assert read_video_info(v / "damaged.mp4").num_frames == 20
     with pytest.raises(CogtuneError):
@@ -179,10 +185,9 @@ def _bad_corpus(root: Path, base_data: Path) -> tuple[Path, dict[str, list[str]]
         ("videos/badcaption.mp4", b"a green circle \xff\xfe moving over a black background"),
     ]
     lines = [(s, c.encode()) for s, c in zip(videos, prompts)] + bad
-    # lists of different lengths: videos.txt has one more line than prompts.txt
-    (data / "videos.txt").write_text("\n".join([s for s, _ in lines] + ["videos/nocaption.mp4"]) + "\n")
+    (data / "videos.txt").write_text("\n".join(s for s, _ in lines) + "\n")
     (data / "prompts.txt").write_bytes(b"\n".join(c for _, c in lines) + b"\n")
-    line = {s: n for n, s in enumerate([s for s, _ in lines] + ["videos/nocaption.mp4"], 1)}
+    line = {s: n for n, s in enumerate([s for s, _ in lines], 1)}
     expected = {
         "videos/corrupt.mp4": ["corrupt.mp4", "not a readable video"],
         "videos/truncated.mp4": ["truncated.mp4", "not a readable video"],
@@ -192,8 +197,6 @@ def _bad_corpus(root: Path, base_data: Path) -> tuple[Path, dict[str, list[str]]
         "videos/short.mp4": ["short.mp4", "5 usable frames", "fewer than the smallest frame bucket (9)"],
         "videos/damaged.mp4": ["damaged.mp4", "cannot decode"],
         "videos/badcaption.mp4": [f"line {line['videos/badcaption.mp4']}", "caption is not valid UTF-8"],
-        "videos/nocaption.mp4": [f"videos.txt line {line['videos/nocaption.mp4']}",
-                                 f"no caption (prompts.txt has {len(lines)} lines)"],
     }
     return data, expected
 
@@ -263,6 +266,115 @@ def test_strict_refuses_a_clip_that_fails_only_while_encoding(base, tmp_path):
     assert snapshot(existing) == before
     new = tmp_path / "new"
     _assert_one_line_error(encode(data, base.model, new, "--strict", "--shard-max-items", "1", expect=2))
+    assert not new.exists()
+
+
+def _error_line(result) -> str:
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def _without_caches(files: dict[str, bytes | None]) -> dict[str, bytes | None]:
+    return {path: content for path, content in files.items() if not path.startswith(".cache")}
+
+
+def _injected_bug(*args, **kwargs):
+    raise TypeError("injected bug: an argument of the wrong type")
+
+
+def _invoke(*args: str):
+    """`cogprep ARGS` in this process, exceptions left to the result (the helper's `cogprep` asserts the code)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bug_while_decoding_fails_the_encode_with_its_traceback(base, tmp_path, monkeypatch, workers):
+    """A TypeError in the frame resizing is a bug, not bad input: the encode fails with it rather than skipping
+    every clip and committing an empty store. A decode worker process (forked: it inherits the patch) passes it
+    on too."""
+    monkeypatch.setattr(E, "resize_to_bucket", _injected_bug)
+    store = tmp_path / "store"
+    result = _invoke(*encode_args(base.data, base.model, store), "--workers", str(workers))
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, TypeError), repr(result.exception)
+    assert "injected bug" in str(result.exception)
+    assert "_injected_bug" in "".join(traceback.format_exception(*result.exc_info)), "the traceback is lost"
+    assert "skipped" not in result.output
+    assert not (store / S.INDEX).exists()
+
+
+def test_a_bug_while_planning_fails_the_encode(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "usable_frames", _injected_bug)
+    store = tmp_path / "store"
+    result = _invoke(*encode_args(base.data, base.model, store))
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, TypeError) and "injected bug" in str(result.exception)
+    assert not store.exists()
+
+
+def test_lists_of_different_lengths_are_refused_whole(base, tmp_path):
+    """A caption missing in the middle of prompts.txt would pair every later clip with the next clip's caption:
+    encode, status and extract-frames refuse the dataset, and write nothing."""
+    data = shutil.copytree(base.data, tmp_path / "data")
+    prompts = read_lines(data / "prompts.txt")
+    del prompts[1]
+    write_lines(data / "prompts.txt", prompts)
+    existing = shutil.copytree(base.store, tmp_path / "existing")
+    before = snapshot(existing)
+    expected = f"{data / 'videos.txt'} has 4 lines but {data / 'prompts.txt'} has 3"
+    for args in (encode_args(data, base.model, tmp_path / "new"), encode_args(data, base.model, existing),
+                 ["status", str(data), "--store", str(existing)], ["extract-frames", str(data)]):
+        result = _invoke(*args)
+        assert result.exit_code == 2, f"{args[0]}: exit {result.exit_code}: {result.output}"
+        assert expected in _error_line(result), args[0]
+    assert not (tmp_path / "new").exists()
+    assert snapshot(existing) == before
+    assert not (data / "images.txt").exists() and not (data / "images").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "all bad"])
+def test_an_encode_with_no_usable_sample_is_refused(base, tmp_path, kind):
+    """An empty dataset, or one whose every entry is bad, exits 2 and writes no store (an existing one is left
+    as it was) instead of committing an empty one."""
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    if kind == "empty":
+        (data / "videos.txt").write_text("")
+        (data / "prompts.txt").write_text("")
+        reason = "the dataset lists no samples"
+    else:
+        (data / "videos" / "corrupt.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 6000).tobytes())
+        (data / "videos" / "empty.mp4").write_bytes(b"")
+        (data / "videos.txt").write_text("videos/corrupt.mp4\nvideos/empty.mp4\n")
+        (data / "prompts.txt").write_text(f"{CAPTIONS[0]}\n{CAPTIONS[1]}\n")
+        reason = "all 2 entries of the dataset are bad"
+    new = tmp_path / "new"
+    line = _error_line(encode(data, base.model, new, expect=2))
+    assert line.startswith(f"error: {data / 'videos.txt'}: ") and reason in line, line
+    assert not new.exists()
+    existing = shutil.copytree(base.store, tmp_path / "existing")
+    before = snapshot(existing)
+    encode(data, base.model, existing, expect=2)
+    assert snapshot(existing) == before
+
+
+def test_an_encode_whose_every_clip_fails_to_decode_is_refused(base, tmp_path, monkeypatch):
+    """Every clip probes fine and fails only once decoded, after its caption was encoded: still no commit, and
+    the shards this run wrote are removed."""
+    def damaged(path, indices):
+        raise CogtuneError(f"{path}: cannot decode frames (injected damage)")
+
+    monkeypatch.setattr(E, "read_frames", damaged)
+    existing = shutil.copytree(base.store, tmp_path / "existing")
+    before = snapshot(existing)
+    # float32 storage changes every item's key: every caption is encoded anew, every clip decoded anew
+    line = _error_line(encode(base.data, base.model, existing, "--dtype", "float32", expect=2))
+    assert f"{base.data / 'videos.txt'}: all 4 entries of the dataset are bad" in line
+    assert "injected damage" in line
+    assert _without_caches(snapshot(existing)) == _without_caches(before)
+    new = tmp_path / "new"
+    encode(base.data, base.model, new, expect=2)
     assert not new.exists()
 
 

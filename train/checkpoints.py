@@ -14,6 +14,7 @@ import torch
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from ..shared.atomic import fsync_dir
+from ..shared.disk import is_write_failure, write_error
 from ..shared.errors import CogtuneError
 from .config import TrainConfig
 from .data import StoreLoader
@@ -93,12 +94,21 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    # the generators travel in train_state's safetensors (see train.state): drop accelerate's pickled copy, so
-    # that a checkpoint holds nothing that loading would unpickle
-    for pickled in tmp.glob(f"{RNG_STATE_NAME}_*.pkl"):
-        pickled.unlink(missing_ok=True)
-    save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        # the generators travel in train_state's safetensors (see train.state): drop accelerate's pickled copy,
+        # so that a checkpoint holds nothing that loading would unpickle
+        for pickled in tmp.glob(f"{RNG_STATE_NAME}_*.pkl"):
+            pickled.unlink(missing_ok=True)
+        save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is never left on the full disk
+        last = complete_checkpoints(run)
+        kept = f"the last checkpoint, {last[-1].name}, is intact" if last else "no earlier checkpoint"
+        raise write_error(tmp, e, f"the checkpoint of step {step}",
+                          f"free space, then continue with --resume latest ({kept})") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         replaced = final.with_name(f".{final.name}.old")

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from tqdm import tqdm
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.models import Model
-from .checkpoints import complete_checkpoints, register_lora_checkpoint_hook, resume, save_checkpoint
+from .checkpoints import CHECKPOINTS, complete_checkpoints, register_lora_checkpoint_hook, resume, save_checkpoint
 from .checks import RunInputs, check_run
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
@@ -50,6 +51,7 @@ from .math import TrainBatch, drop_captions, training_step
 from .preemption import Preempted, StopSignals
 from .run_lock import hold_run_folder
 from .state import RngStates
+from .validation import most_common_bucket
 
 LOSSES = "losses.jsonl"
 SAMPLES = "samples"
@@ -366,6 +368,9 @@ def start_run_folder(config: TrainConfig, start_step: int) -> None:
     """Rank 0, after every check and after the checkpoint loaded: config.yaml, and losses.jsonl cut back to
     the resumed step (a run killed after its last checkpoint logged steps that are trained again now)."""
     config.out.mkdir(parents=True, exist_ok=True)
+    # what a run killed while checkpointing left (the run lock says no other run is writing them)
+    for leftover in (config.out / CHECKPOINTS).glob(".*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
     config.save(config.out)
     for log in [config.out / LOSSES, *sorted((config.out / SAMPLES).glob("rank-*.jsonl"))]:
         if log.exists():
@@ -395,12 +400,6 @@ def tracker_config(config: TrainConfig) -> dict[str, Any]:
         return "default" if value is None else value
 
     return {name: scalar(value) for name, value in config.to_dict().items()}
-
-
-def most_common_bucket(manifest: S.Manifest) -> tuple[int, int, int]:
-    """(frames, height, width) of the bucket with the most samples: what validation videos are made at."""
-    bucket = max(manifest.buckets, key=lambda b: (b["samples"], b["name"]))
-    return bucket["frames"], bucket["height"], bucket["width"]
 
 
 def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, step: int,

@@ -1,0 +1,159 @@
+"""`cogprep verify STORE`: read back every member the index points at, and record the damaged ones so that the
+next `cogprep encode` re-encodes exactly those items from their sources.
+
+Two passes. Sizes first: one stat per shard, so a missing or short shard condemns the members past its end
+without reading anything. Then contents: every member is read once (a caption's embedding shared by many
+samples too), gunzipped (which checks its CRC and length), parsed as safetensors, and its tensors' names,
+shapes and dtypes compared with what the index and store.json say they are. Shards are read on parallel
+threads, each in file order (zlib inflates without the GIL, so threads use the cores).
+
+The damaged items go to ``STORE/damaged.json`` (atomically, under the store lock). Planning treats them as not
+cached: `cogprep status` counts their sources as changed and exits 1, and `cogprep encode` encodes them again;
+its commit clears the record.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..shared import store as S
+
+
+@dataclass(frozen=True)
+class Member:
+    """One cached member the index points at, and what its tensors must look like."""
+
+    shard: str
+    offset: int
+    size: int
+    item: str
+    """The item key it belongs to (video_key or text_key): what re-encoding replaces."""
+    kind: str
+    """latent, image or text."""
+    expect: tuple
+    """(frames, height, width) of the sample's bucket for latent and image members; () for text."""
+
+
+@dataclass
+class VerifyResult:
+    members: int = 0
+    bytes_read: int = 0
+    damaged_items: dict[str, str] = field(default_factory=dict)
+    """item key -> what is wrong with (the first damaged member of) it."""
+    damaged_samples: list[dict[str, Any]] = field(default_factory=list)
+    """Index rows (key, source, caption, bucket) with at least one damaged member, and the problem."""
+
+
+def verify_store(store: Path, workers: int = 0, progress: bool = True) -> VerifyResult:
+    """Check every member the index of `store` points at; returns what is damaged (records nothing)."""
+    store = Path(store)
+    manifest = S.Manifest.load(store)
+    rows = S.read_index(store)
+    members, rows_of_item = _members(rows)
+    dtype = manifest.settings.get("dtype", "bfloat16")
+    text_length = manifest.settings.get("text_length")
+    result = VerifyResult(members=len(members))
+
+    by_shard: dict[str, list[Member]] = defaultdict(list)
+    for member in members:
+        by_shard[member.shard].append(member)
+    bar = tqdm(total=sum(m.size for m in members), unit="B", unit_scale=True, desc="verify", disable=not progress)
+
+    def check_shard(shard: str) -> list[tuple[Member, str]]:
+        found = []
+        path = store / shard
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        listed = sorted(by_shard[shard], key=lambda m: m.offset)
+        if size is None:
+            bar.update(sum(m.size for m in listed))
+            return [(m, f"{path}: missing") for m in listed]
+        with open(path, "rb") as f:
+            for member in listed:
+                if member.offset + member.size > size:
+                    found.append((member, f"{path}: truncated at byte {size}, the member ends at "
+                                          f"{member.offset + member.size}"))
+                else:
+                    f.seek(member.offset)
+                    problem = _check_member(f.read(member.size), member, dtype, text_length)
+                    if problem:
+                        found.append((member, f"{path} at byte {member.offset}: {problem}"))
+                bar.update(member.size)
+        return found
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for found in pool.map(check_shard, sorted(by_shard)):
+            for member, problem in found:
+                result.damaged_items.setdefault(member.item, problem)
+    bar.close()
+    result.bytes_read = sum(m.size for m in members)
+    seen: set[str] = set()
+    for item, problem in result.damaged_items.items():
+        for i in rows_of_item[item]:
+            row = rows[i]
+            if row["key"] not in seen:
+                seen.add(row["key"])
+                result.damaged_samples.append({k: row[k] for k in ("key", "source", "caption", "bucket")}
+                                              | {"problem": problem})
+    return result
+
+
+def record_damage(store: Path, result: VerifyResult) -> None:
+    """Write (or clear, when nothing is damaged) the store's record of damaged items; hold the store lock."""
+    S.write_damaged(store, result.damaged_items, result.damaged_samples)
+
+
+def _members(rows: list[dict[str, Any]]) -> tuple[list[Member], dict[str, list[int]]]:
+    """Every distinct member the rows point at, and the rows of each item."""
+    members: dict[tuple[str, int], Member] = {}
+    rows_of_item: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        size = (row["frames"], row["height"], row["width"])
+        located = [(row["shard"], row["latent_offset"], row["latent_size"], row["video_key"], "latent", size),
+                   (row["text_shard"], row["text_offset"], row["text_size"], row["text_key"], "text", ())]
+        if row["image_offset"] >= 0:
+            located.append((row["shard"], row["image_offset"], row["image_size"], row["video_key"], "image", size))
+        for shard, offset, length, item, kind, expect in located:
+            members.setdefault((shard, offset), Member(shard, offset, length, item, kind, expect))
+        rows_of_item[row["video_key"]].append(i)
+        rows_of_item[row["text_key"]].append(i)
+    return list(members.values()), rows_of_item
+
+
+def _check_member(data: bytes, member: Member, dtype: str, text_length: int | None) -> str | None:
+    """What is wrong with one member's bytes, or None."""
+    try:
+        tensors = S.tensors_from_bytes(data)
+    except S.DamagedMember as e:
+        return str(e)
+    wrong_dtype = sorted(k for k, t in tensors.items() if k != "sigma" and str(t.dtype) != f"torch.{dtype}")
+    if wrong_dtype:
+        return f"{', '.join(wrong_dtype)}: not {dtype}"
+    if member.kind == "text":
+        embedding = tensors.get("embedding")
+        if embedding is None or embedding.ndim != 2 or (text_length and embedding.shape[0] != text_length):
+            return f"embedding of shape {None if embedding is None else tuple(embedding.shape)}, expected " \
+                   f"[{text_length}, D]"
+        return None
+    frames, height, width = member.expect
+    grid = ((frames - 1) // 4 + 1, height // 8, width // 8)  # the VAE's 4x temporal, 8x spatial compression
+    if member.kind == "latent":
+        mean, logvar = tensors.get("mean"), tensors.get("logvar")
+        if mean is None or logvar is None or mean.ndim != 4 or tuple(mean.shape[1:]) != grid \
+                or logvar.shape != mean.shape:
+            return f"latent of shape {None if mean is None else tuple(mean.shape)}, expected [C, {', '.join(map(str, grid))}]"
+        return None
+    clean, noisy, sigma = tensors.get("clean"), tensors.get("noisy"), tensors.get("sigma")
+    if clean is None or noisy is None or sigma is None or tuple(clean.shape[1:]) != (1, *grid[1:]) \
+            or tuple(noisy.shape[1:]) != tuple(clean.shape) or noisy.shape[0] != sigma.shape[0]:
+        return "image latents of the wrong names or shapes"
+    return None
