@@ -79,3 +79,16 @@ def test_bench_prep_measures_every_stage(tmp_path):
     sizes = measured["f_bytes_per_sample"]
     # the store really is smaller than the naive layout at real size, and gzip takes something off
     assert sizes["cogvideox_5b_ratio"] < sizes["cogvideox_5b_ratio_uncompressed"] < 1
+
+
+@pytest.mark.slow
+def test_bench_faults_measures_the_start_up_check_and_verify(tmp_path):
+    result = tmp_path / "bench.json"
+    done = _run("bench_faults.py", "--samples", "20000", "--shards", "20", "--verify-samples", "12", "--latent",
+                "16x3x8x8", "--rounds", "1", "--json-out", str(result))
+    measured = json.loads(result.read_text())
+    assert "start-up shard check, 20,000 samples / 22 shards" in done.stdout  # 20 video + 2 text shards
+    assert measured["a_startup_check"]["shards"] == 22 and measured["a_startup_check"]["check_s"] > 0
+    verify = measured["b_verify"]
+    assert verify["members"] == 24  # every latent and every caption read back, none found damaged
+    assert verify["verify_mb_s"] > 0 and verify["plain_read_mb_s"] > 0 and verify["inflate_one_core_mb_s"] > 0

@@ -109,3 +109,16 @@ def test_index_columns_give_the_rows_read_index_gives(tmp_path):
     assert [compact.row(i) for i in range(8)] == [{name: row[name] for name in columns} for row in rows]
     assert compact.strings("bucket") == [row["bucket"] for row in rows]
     assert len(S.IndexColumns(tmp_path / "no-store", columns)) == 0
+
+
+def test_aborting_a_shard_on_a_full_disk_still_removes_it(tmp_path, monkeypatch):
+    """A full disk fails the tar's closing blocks too: the temporary shard must go all the same."""
+    import errno
+    import tarfile
+
+    writer = S.ShardWriter(tmp_path, "9x32x48", "test")
+    writer.add("k0", {S.META: b"{}"})
+    monkeypatch.setattr(tarfile.TarFile, "close", lambda self: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    writer.abort()
+    assert not list((tmp_path / S.SHARDS / "9x32x48").iterdir())

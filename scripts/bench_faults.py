@@ -1,0 +1,232 @@
+"""Benchmark the store checks that must stay fast on a large store: cogtrain's start-up shard check and
+`cogprep verify`, each against a baseline measured in the same run.
+
+    python scripts/bench_faults.py [--samples 1000000] [--shards 1000] [--verify-samples 300]
+                                   [--latent 16x13x30x45] [--json-out bench.json]
+
+(a) start-up check: an index of N samples spread over S video shards and S/10 text shards (sparse files of the
+    length the index needs), loaded as the trainer loads it (`IndexColumns`) and checked (`check_shards`: one
+    stat per shard). Reported: the check alone, and the index load it comes with. Target: the check < 2 s at
+    1,000,000 samples.
+(b) verify: a store of M samples of random bfloat16 latents (mean + log-variance of the given shape, gzip
+    level 1 as cogprep writes them) and one caption each, read back by `verify_store`; its rate in MB/s of
+    shard bytes, against reading the same files plainly, sequentially, in this run. Both read after the page
+    cache is dropped where this process may drop it (root, not in every container): the JSON says whether it was.
+    Target: verify within 2x of the plain read (the disk's speed). Verify must inflate every member to check its
+    CRC, so it is also bound by the CPU: the table shows gunzip alone on one core, from memory, as the ceiling
+    each core gives (verify reads shards on min(8, cores) threads).
+Prints a table, then the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from cogtune.preprocess.verify import verify_store
+from cogtune.shared import store as S
+
+TARGET_CHECK_SECONDS = 2.0
+TARGET_VERIFY_SLOWDOWN = 2.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1_000_000, help="index rows of the start-up check's store")
+    parser.add_argument("--shards", type=int, default=1000, help="video shards they point into")
+    parser.add_argument("--verify-samples", type=int, default=300, help="samples of the store verify reads")
+    parser.add_argument("--latent", default="16x13x30x45", help="latent shape C x F x H x W of those samples")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each measure (the median is kept)")
+    parser.add_argument("--json-out", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
+        results = {
+            "settings": vars(args) | {"json_out": str(args.json_out) if args.json_out else None},
+            "a_startup_check": measure_startup_check(Path(tmp) / "large", args.samples, args.shards, args.rounds),
+            "b_verify": measure_verify(Path(tmp) / "verify", args.verify_samples,
+                                       tuple(int(x) for x in args.latent.split("x")), args.rounds),
+        }
+    results["pass"] = {
+        "startup_check": results["a_startup_check"]["check_s"] < TARGET_CHECK_SECONDS,
+        "verify": results["b_verify"]["slowdown_vs_plain_read"] <= TARGET_VERIFY_SLOWDOWN,
+    }
+    print_table(results)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (a) the start-up check on a large index
+
+
+def write_large_index(store: Path, samples: int, shards: int) -> None:
+    """index.parquet of `samples` rows over `shards` video shards, each shard a sparse file as long as its rows
+    need; the columns the check does not read hold cheap placeholders."""
+    latent_size, text_size = 600_000, 1_000_000
+    per_shard = -(-samples // shards)
+    row = np.arange(samples)
+    shard_number, slot = row // per_shard, row % per_shard
+    text_shards = max(1, shards // 10)
+    text_number, text_slot = row % text_shards, row // text_shards
+    video_names = [f"{S.SHARDS}/49x480x720/bench-{i:05d}.tar" for i in range(shards)]
+    text_names = [f"{S.SHARDS}/{S.TEXT_BUCKET}/bench-{i:05d}.tar" for i in range(text_shards)]
+    columns = {
+        "shard": pa.DictionaryArray.from_arrays(shard_number.astype(np.int32), video_names).cast(pa.string()),
+        "latent_offset": pa.array(slot * latent_size + 512, pa.int64()),
+        "latent_size": pa.array(np.full(samples, latent_size - 1024), pa.int64()),
+        "image_offset": pa.array(np.full(samples, -1), pa.int64()),
+        "image_size": pa.array(np.zeros(samples, np.int64)),
+        "text_shard": pa.DictionaryArray.from_arrays(text_number.astype(np.int32), text_names).cast(pa.string()),
+        "text_offset": pa.array(text_slot * text_size + 512, pa.int64()),
+        "text_size": pa.array(np.full(samples, text_size - 1024), pa.int64()),
+        "bucket": pa.array(["49x480x720"] * samples, pa.string()),
+    }
+    schema = pa.schema([S.INDEX_SCHEMA.field(name) for name in columns])
+    store.mkdir(parents=True)
+    pq.write_table(pa.table(columns, schema=schema), store / S.INDEX)
+    for names, count, size in ((video_names, per_shard, latent_size), (text_names, -(-samples // text_shards),
+                                                                         text_size)):
+        for name in names:
+            path = store / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(count * size)  # sparse: the length the index needs, no blocks written
+
+
+def measure_startup_check(store: Path, samples: int, shards: int, rounds: int) -> dict:
+    write_large_index(store, samples, shards)
+    loads, checks = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        index = S.IndexColumns(store, ("bucket", *S.SAMPLE_COLUMNS))
+        loaded = time.perf_counter()
+        S.check_shards(store, index)
+        checks.append(time.perf_counter() - loaded)
+        loads.append(loaded - started)
+    return {"samples": samples, "shards": len(index.shard_extents()), "index_load_s": statistics.median(loads),
+            "check_s": statistics.median(checks)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (b) verify against a plain read
+
+
+def write_store(store: Path, samples: int, latent: tuple[int, ...]) -> None:
+    """A store of random bf16 latents and embeddings, written through the store's own writer."""
+    generator = torch.Generator().manual_seed(0)
+    video, text = S.ShardWriter(store, "49x240x360", "bench", max_items=100), S.ShardWriter(store, S.TEXT_BUCKET,
+                                                                                           "bench", max_items=1000)
+    frames, height, width = (latent[1] - 1) * 4 + 1, latent[2] * 8, latent[3] * 8
+    rows = []
+    for i in range(samples):
+        mean, logvar = (torch.randn(latent, generator=generator).bfloat16() for _ in range(2))
+        where = video.add(f"v{i:08d}", {S.LATENT: S.tensors_to_bytes({"mean": mean, "logvar": logvar})})
+        embedding = torch.randn(226, 64, generator=generator).bfloat16()
+        said = text.add(f"t{i:08d}", {S.TEXT: S.tensors_to_bytes({"embedding": embedding})})
+        rows.append({
+            "key": f"k{i:08d}", "source": f"videos/{i}.mp4", "kind": "video", "bucket": f"{frames}x{height}x{width}",
+            "frames": frames, "height": height, "width": width, "caption": f"caption {i}", "clip_start": 0,
+            "clip_step": 1.0, "source_size": 1, "source_mtime_ns": 1, "source_hash": "h", "video_key": f"v{i:08d}",
+            "text_key": f"t{i:08d}", "shard": where[S.LATENT].shard, "latent_offset": where[S.LATENT].offset,
+            "latent_size": where[S.LATENT].size, "image_offset": -1, "image_size": 0,
+            "text_shard": said[S.TEXT].shard, "text_offset": said[S.TEXT].offset, "text_size": said[S.TEXT].size,
+            "text_tokens": 4,
+        })
+    video.close()
+    text.close()
+    S.write_index(store, rows, S.Manifest(model={"variant": "bench"}, settings={"dtype": "bfloat16",
+                                                                               "text_length": 226},
+                                          dataset={"path": "bench"}, buckets=[]))
+
+
+def drop_page_cache() -> bool:
+    """Ask the kernel to forget cached file pages, so that reads come from the disk; False where not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def plain_read(store: Path) -> int:
+    total = 0
+    for path in sorted((store / S.SHARDS).rglob("*.tar")):
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                total += len(chunk)
+    return total
+
+
+def inflate_only(store: Path) -> float:
+    """Seconds to gunzip every member on one core, from memory: the CPU cost under verify's read."""
+    members = []
+    for row in S.read_index(store):
+        for shard, offset, size in ((row["shard"], row["latent_offset"], row["latent_size"]),
+                                    (row["text_shard"], row["text_offset"], row["text_size"])):
+            with open(store / shard, "rb") as f:
+                f.seek(offset)
+                members.append(f.read(size))
+    started = time.perf_counter()
+    for data in members:
+        gzip.decompress(data)
+    return time.perf_counter() - started
+
+
+def measure_verify(store: Path, samples: int, latent: tuple[int, ...], rounds: int) -> dict:
+    write_store(store, samples, latent)
+    shard_bytes = sum(p.stat().st_size for p in (store / S.SHARDS).rglob("*.tar"))
+    inflate_s = statistics.median(inflate_only(store) for _ in range(rounds))
+    plain, checked, dropped = [], [], True
+    for _ in range(rounds):
+        dropped &= drop_page_cache()
+        started = time.perf_counter()
+        plain_read(store)
+        plain.append(time.perf_counter() - started)
+        dropped &= drop_page_cache()
+        started = time.perf_counter()
+        result = verify_store(store, progress=False)
+        checked.append(time.perf_counter() - started)
+        assert not result.damaged_items, result.damaged_items
+    plain_s, verify_s = statistics.median(plain), statistics.median(checked)
+    return {"samples": samples, "members": result.members, "shard_mb": shard_bytes / 2**20,
+            "plain_read_mb_s": shard_bytes / 2**20 / plain_s, "verify_mb_s": shard_bytes / 2**20 / verify_s,
+            "slowdown_vs_plain_read": verify_s / plain_s, "page_cache_dropped": dropped, "cores": os.cpu_count(),
+            "inflate_one_core_mb_s": shard_bytes / 2**20 / inflate_s}
+
+
+def print_table(results: dict) -> None:
+    a, b, passed = results["a_startup_check"], results["b_verify"], results["pass"]
+    rows = [
+        (f"start-up shard check, {a['samples']:,} samples / {a['shards']} shards", f"{a['check_s']:.3f} s",
+         f"< {TARGET_CHECK_SECONDS} s", "PASS" if passed["startup_check"] else "FAIL"),
+        ("  (the index load it comes with)", f"{a['index_load_s']:.3f} s", "", ""),
+        (f"verify, {b['samples']} samples ({b['shard_mb']:.0f} MB of shards)", f"{b['verify_mb_s']:.0f} MB/s", "", ""),
+        ("plain sequential read of the same shards", f"{b['plain_read_mb_s']:.0f} MB/s", "", ""),
+        (f"gunzip alone, one core (the CPU's share; {b['cores']} cores here)", f"{b['inflate_one_core_mb_s']:.0f} MB/s",
+         "", ""),
+        ("verify time / plain read time", f"{b['slowdown_vs_plain_read']:.2f}",
+         f"<= {TARGET_VERIFY_SLOWDOWN}", "PASS" if passed["verify"] else "FAIL"),
+        ("page cache dropped before each read", str(b["page_cache_dropped"]), "", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, target, verdict in rows:
+        print(f"{name:<{width}}  {value:>12}  {target:>8}  {verdict}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
