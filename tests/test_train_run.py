@@ -393,3 +393,17 @@ def test_runs_use_expandable_cuda_segments_unless_the_user_chose_settings(monkey
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     use_cuda_allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_the_summary_gives_the_median_step_time_beside_the_wall_time(store, tiny_models, tmp_path):
+    """Wall time over steps counts start-up, checkpoints and validation: the step time is the median step."""
+    import statistics
+
+    run = tmp_path / "run"
+    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "5", "--validate-every", "5",
+                      "--validation-steps", "1")
+    steps = [json.loads(line)["step_time"] for line in (run / "losses.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step_time_median_s"] == round(statistics.median(steps), 4)
+    assert summary["step_time_median_s"] < summary["seconds_this_run"] / 5  # start-up is not a step
+    assert f"median step {summary['step_time_median_s']:.3f} s" in result.stdout

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -325,6 +326,7 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
 
     validation_size = most_common_bucket(inputs.manifest)
     losses: list[float] = []
+    step_times: list[float] = []
     bar = tqdm(total=max_steps, initial=start_step, unit="step", desc="cogtrain", dynamic_ncols=True,
                disable=not (accelerator.is_main_process and config.progress))
     batches = iter(loader)
@@ -333,6 +335,7 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
             for step in range(start_step + 1, max_steps + 1):
                 metrics, position, stopping = stepper.step(step, batches, signals.requested)
                 losses.append(metrics["loss"])
+                step_times.append(metrics["step_time"])
                 accelerator.log(metrics, step=step)
                 if config.log_samples:
                     log_samples(config.out, accelerator.process_index, step, stepper.trained_rows)
@@ -356,7 +359,7 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
         bar.close()
     seconds = time.perf_counter() - started
     outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds,
-                         loader.dataset.damaged)
+                         loader.dataset.damaged, step_times)
     if config.validate_every and losses:
         if accelerator.is_main_process:
             print(f"cogtrain: validation videos of step {max_steps}", file=sys.stderr, flush=True)
@@ -462,10 +465,13 @@ def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
 
 
 def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, steps: int,
-               losses: list[float], seconds: float, damaged: list[dict[str, Any]]) -> list[Path]:
+               losses: list[float], seconds: float, damaged: list[dict[str, Any]],
+               step_times: list[float]) -> list[Path]:
     """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary.
 
     `damaged`: the samples this rank skipped as damaged (--on-damaged skip); summary.json lists every rank's.
+    `step_times`: the seconds of each optimizer step this invocation took; their median is the step time (the
+    wall time also holds start-up, checkpoints and validation).
     """
     from accelerate.utils import gather_object
 
@@ -494,6 +500,7 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
             "trained_weights_sha256_per_rank": digests,
             "steps_this_run": len(losses),
             "seconds_this_run": round(seconds, 3),
+            "step_time_median_s": round(statistics.median(step_times), 4) if step_times else None,
             "final_loss": losses[-1] if losses else None,
             "damaged_samples_skipped": [{k: d[k] for k in ("key", "source", "error")} for d in damaged],
             "outputs": [str(p) for p in outputs],
@@ -509,7 +516,8 @@ def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Pa
     trained, seconds = summary["steps_this_run"], summary["seconds_this_run"]
     line = f"cogtrain: step {summary['steps']}"
     if trained:
-        line += f", {trained} trained in {seconds:.1f} s ({seconds / trained:.2f} s/step)"
+        line += (f", {trained} trained in {seconds:.1f} s of wall time (start-up, checkpoints and validation "
+                 f"included); median step {summary['step_time_median_s']:.3f} s")
         line += f", final loss {summary['final_loss']:.4f}"
     print(line)
     for path in outputs:
