@@ -16,13 +16,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 import yaml
 
 from .errors import CogtuneError
 from .variants import Variant
+
+if TYPE_CHECKING:
+    from .models import Model
 
 VAE_SPATIAL = 8
 VAE_TEMPORAL = 4
@@ -211,21 +214,12 @@ def parse_bucket_spec(data: Mapping[str, Any], source: str, variant: Variant | N
     return BucketSpec(frames_by_resolution, batch_size, batch_sizes, budget, source)
 
 
-def check_buckets_for_model(spec: BucketSpec, variant: Variant, native_hw: tuple[int, int]) -> None:
-    """Refuse, before any work, buckets the model cannot train at.
-
-    A variant with learned positional embeddings (5b-I2V) only has them for its native height x width
-    (`native_hw`: 480x720 for the release, smaller for the tiny test models); any other size fails in diffusers.
-    """
-    if not variant.fixed_size:
-        return
-    native_h, native_w = native_hw
+def check_buckets_for_model(spec: BucketSpec, model: Model, where: str = "") -> None:
+    """Refuse, before any work, a spec with a bucket the model cannot train at (`Model.check_size`); the error
+    names `where` (default: the spec's source). Image buckets are not listed here: an image-to-video model, the
+    only kind with a fixed size, skips images, and cogtrain checks every bucket a store holds."""
     for bucket in spec.buckets:
-        if bucket.resolution != (native_h, native_w):
-            raise CogtuneError(
-                f"{spec.source}: bucket {bucket.name}: {variant.name} has learned positional embeddings that exist "
-                f"only at its native {native_h}x{native_w}; use resolution {native_h}x{native_w}"
-            )
+        model.check_size(bucket.frames, bucket.height, bucket.width, f"{where or spec.source}: bucket")
 
 
 def assign_bucket(height: int, width: int, num_frames_available: int, spec: BucketSpec) -> Bucket | None:

@@ -75,6 +75,23 @@ class Model:
         tc = self.config("transformer")
         return tc.get("sample_frames", v.native_frames), tc["sample_height"] * 8, tc["sample_width"] * 8
 
+    def check_size(self, frames: int, height: int, width: int, what: str) -> None:
+        """Refuse a video size the model cannot train or generate at, naming it after `what` (``STORE: bucket``).
+
+        Only a learned-positional-embedding model (5b-I2V) has such sizes: its table exists for the native frames
+        x height x width alone. diffusers' ``CogVideoXPatchEmbed.forward`` raises for another height or width,
+        and for another frame count (a 1-frame image too) silently adds a sin-cos table in its place, so a LoRA
+        trained there would learn under positions that inference at the native size never uses.
+        """
+        native = self.native_size()
+        if not self.variant.fixed_size or (frames, height, width) == native:
+            return
+        size = "x".join(map(str, native))
+        raise CogtuneError(
+            f"{what} {frames}x{height}x{width}: {self.variant.name} has learned positional embeddings that exist "
+            f"only at its native {size}; encode and train at that size (--resolution {size})"
+        )
+
     # ---- loaders: each loads one component, in the dtype asked for ----
     def load_vae(self, dtype: torch.dtype | str = "float32"):
         from diffusers import AutoencoderKLCogVideoX
@@ -130,9 +147,15 @@ def open_model(source: str | Path, components: tuple[str, ...] = COMPONENTS) -> 
             if not (path / c).is_dir():
                 raise CogtuneError(f"{path}: missing the {c}/ folder")
         return Model(path=path.resolve(), source=str(source))
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+    if not is_hub_id(source):
         raise CogtuneError(f"{source}: no such model folder (and not a hub id of the form owner/name)")
     return Model(path=_download(str(source), components), source=str(source))
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """Whether `open_model` takes `source` for a hub id: owner/name, and no local path of that name."""
+    text = str(source)
+    return not Path(text).expanduser().exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 
 def _download(repo_id: str, components: tuple[str, ...]) -> Path:

@@ -53,8 +53,13 @@ class Variant:
 
     @property
     def fixed_size(self) -> bool:
-        """True where only the native height x width works (learned positional embeddings)."""
+        """True where only the native frames x height x width works (learned positional embeddings)."""
         return self.positional == "learned"
+
+    @property
+    def rotary(self) -> bool:
+        """True where the transformer takes 3D rotary embeddings (every variant but 2b; 5b-I2V beside its table)."""
+        return self.positional in ("rotary", "learned")
 
 
 # fmt: off

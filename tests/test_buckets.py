@@ -17,6 +17,7 @@ from cogtune.shared.buckets import (
     parse_bucket_spec,
 )
 from cogtune.shared.errors import CogtuneError
+from cogtune.shared.models import open_model
 from cogtune.shared.variants import get_variant
 from cogtune.shared.zoo import TINY_NATIVE
 from hypothesis import given, settings
@@ -127,28 +128,31 @@ def test_bad_resolution_flag():
         bucket_spec_from_resolution("480x720")
 
 
-def test_fixed_size_variant_refuses_other_sizes_naming_bucket_and_native_size():
-    variant = get_variant("5b-i2v")
-    check_buckets_for_model(bucket_spec_from_resolution("49x480x720"), variant, (480, 720))
-    spec = spec_of(resolutions=[[480, 720], [512, 768]], frames=[49])
+def test_fixed_size_model_refuses_other_sizes_naming_bucket_and_native_size(tiny_models):
+    model = open_model(tiny_models["5b-i2v"])
+    frames, height, width = TINY_NATIVE["1.0"]
+    check_buckets_for_model(bucket_spec_from_resolution(f"{frames}x{height}x{width}"), model)
+    spec = spec_of(resolutions=[[height, width], [48, 48]], frames=[frames])
     with pytest.raises(CogtuneError) as error:
-        check_buckets_for_model(spec, variant, (480, 720))
+        check_buckets_for_model(spec, model)
     message = str(error.value)
-    assert "bucket 49x512x768" in message and "native 480x720" in message and "CogVideoX-5b-I2V" in message
+    assert "bucket 9x48x48" in message and "native 9x32x48" in message and "CogVideoX-5b-I2V" in message
+    assert message.startswith("buckets.yaml: ")
 
 
-def test_fixed_size_check_uses_the_given_native_size_for_tiny_models():
-    _, height, width = TINY_NATIVE["1.0"]
-    variant = get_variant("5b-i2v")
-    check_buckets_for_model(bucket_spec_from_resolution(f"9x{height}x{width}"), variant, (height, width))
-    with pytest.raises(CogtuneError, match="native 32x48"):
-        check_buckets_for_model(bucket_spec_from_resolution("9x480x720"), variant, (height, width))
+def test_fixed_size_check_covers_the_frame_count(tiny_models):
+    """diffusers swaps the learned table for a sin-cos one at another frame count, without a word."""
+    model = open_model(tiny_models["5b-i2v"])
+    with pytest.raises(CogtuneError, match="bucket 17x32x48: .* native 9x32x48"):
+        check_buckets_for_model(spec_of(resolutions=[[32, 48]], frames=[9, 17]), model)
+    with pytest.raises(CogtuneError, match="^STORE: bucket 17x32x48"):
+        check_buckets_for_model(bucket_spec_from_resolution("17x32x48"), model, where="STORE")
 
 
-def test_variants_without_learned_positions_take_any_size():
-    spec = spec_of(resolutions=[[512, 768], [256, 256]], frames=[49])
-    for slug in ("2b", "5b", "1.5-5b", "1.5-5b-i2v"):
-        check_buckets_for_model(spec, get_variant(slug), (480, 720))
+@pytest.mark.parametrize("slug", ["2b", "5b", "1.5-5b", "1.5-5b-i2v"])
+def test_variants_without_learned_positions_take_any_size(tiny_models, slug):
+    spec = spec_of(resolutions=[[512, 768], [256, 256]], frames=[17, 49])
+    check_buckets_for_model(spec, open_model(tiny_models[slug]))
 
 
 MIXED = dict(resolutions=[[480, 720], [720, 480], [512, 512]], frames=[17, 49])

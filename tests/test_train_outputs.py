@@ -321,11 +321,16 @@ def test_validate_runs_on_every_rank_only_when_the_weights_are_sharded(monkeypat
     assert waited == [True]  # every rank meets the others afterwards
 
 
-def test_validation_renders_image_to_video_at_the_first_bucket(tiny_models, demo_dataset, tmp_path):
+def test_validation_renders_image_to_video_at_the_most_common_bucket(tiny_models, demo_dataset, tmp_path):
+    """The default size is the trainer's: the bucket with the most samples, here not the first one."""
     model = open_model(tiny_models["1.5-5b-i2v"])
     store = encoded_store(demo_dataset, model.path, tmp_path / "store",
                           "--validation-images", demo_dataset / "validation_images.txt", "--image-noise-variants", "1")
-    bucket = Manifest.load(store).buckets[0]
+    manifest = Manifest.load(store)
+    [bucket] = manifest.buckets
+    rarer = {**bucket, "name": "9x32x32", "width": 32, "samples": bucket["samples"] - 1}
+    manifest.buckets = [rarer, bucket]
+    manifest.save(store)
     paths = run_validation(model.load_transformer(), model, store, tmp_path / "run", 3, device="cpu",
                            dtype=torch.float32, seed=0, num_inference_steps=2, num_frames=None, height=None, width=None)
     assert_videos(paths, tmp_path / "run", 3, (bucket["frames"], bucket["height"], bucket["width"]))

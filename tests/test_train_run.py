@@ -239,19 +239,22 @@ def test_refuses_a_stale_dataset_unless_allowed(store, dataset, tiny_models, tmp
     assert sorted(losses(out)) == [1]
 
 
-def test_refuses_a_learned_positional_model_off_its_native_size(tiny_models, tmp_path):
-    """A 5b-I2V store at 32x32: cogprep refuses to make one, so it is built by hand, its manifest naming
-    the tiny 5b-I2V model as it would."""
+@pytest.mark.parametrize("other", ["9x32x32", "17x32x48", "1x32x48"])
+def test_refuses_a_learned_positional_model_off_its_native_size(tiny_models, tmp_path, other):
+    """A 5b-I2V store with a bucket beside the native 9x32x48 of another width, frame count (diffusers would
+    silently swap the learned table for a sin-cos one) or an image's 1 frame: cogprep refuses to make one, so it
+    is built by hand, its manifest naming the tiny 5b-I2V model as it would."""
     model = tiny_models["5b-i2v"]
     store = tmp_path / "store"
-    build_random_store(store, {"9x32x48": (2, 2), "9x32x32": (2, 2)}, i2v=True)
+    build_random_store(store, {"9x32x48": (2, 2), other: (2, 2)}, i2v=True)
     manifest = S.Manifest.load(store)
     manifest.model = {"source": str(model), "variant": "CogVideoX-5b-I2V",
                       "configs": open_model(model).config_fingerprint(("vae", "text_encoder"))}
     manifest.save(store)
     out = tmp_path / "run"
     result = cogtrain(store, model, out, "--max-steps", "1", expect=2)
-    assert_refused(result, out, "9x32x32: CogVideoX-5b-I2V has learned positional embeddings")
+    assert_refused(result, out, f"{store}: bucket {other}: CogVideoX-5b-I2V has learned positional embeddings "
+                                "that exist only at its native 9x32x48")
 
 
 def test_refuses_a_used_run_folder_without_resume(store, tiny_models, tmp_path):

@@ -86,16 +86,10 @@ def check_model_matches_store(model: Model, manifest: S.Manifest, store: Path) -
 
 
 def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
-    """A learned-positional-embedding model (5b-I2V) only runs at its native height x width, as in cogprep."""
-    if not model.variant.fixed_size:
-        return
-    _, height, width = model.native_size()
-    other = [b["name"] for b in manifest.buckets if (b["height"], b["width"]) != (height, width)]
-    if other:
-        raise CogtuneError(
-            f"{store}: bucket {', '.join(other)}: {model.variant.name} has learned positional embeddings that "
-            f"exist only at its native {height}x{width}; re-encode at that resolution"
-        )
+    """Every bucket of the store, image buckets included, at a size the model trains at (`Model.check_size`),
+    as cogprep checks them."""
+    for bucket in manifest.buckets:
+        model.check_size(bucket["frames"], bucket["height"], bucket["width"], f"{store}: bucket")
 
 
 def check_target_modules(config: TrainConfig, model: Model) -> None:

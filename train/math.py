@@ -115,10 +115,12 @@ def rotary_embeddings(
     1.0: crop region of the grid inside the base grid ``sample_height/p x sample_width/p`` (linspace grid).
     1.5: ``grid_type="slice"`` with ``max_size`` = that base grid, over ``ceil(frames / patch_size_t)`` steps.
     """
-    if not transformer_config.get("use_rotary_positional_embeddings", False):
+    variant = detect_variant(transformer_config, where="transformer")
+    if not variant.rotary:
         return None
+    # head size, patch size and the base grid are the checkpoint's own (tiny models differ): no variant fact
     c = transformer_config
-    return _rotary_tables(c["attention_head_dim"], c["patch_size"], c.get("patch_size_t"), c["sample_height"],
+    return _rotary_tables(c["attention_head_dim"], c["patch_size"], variant.patch_size_t, c["sample_height"],
                           c["sample_width"], latent_height, latent_width, num_latent_frames, str(device))
 
 
@@ -155,7 +157,7 @@ def ofs_tensor(
     Mirrors ``ofs_emb`` in ``CogVideoXImageToVideoPipeline.__call__``; the pipeline's shape (1,) broadcasts
     over the batch inside the transformer, one value per sample gives the same embedding and is explicit.
     """
-    if transformer_config.get("ofs_embed_dim") is None:
+    if not detect_variant(transformer_config, where="transformer").uses_ofs:
         return None
     return torch.full((batch_size,), OFS_VALUE, device=device, dtype=dtype)
 
@@ -220,7 +222,7 @@ def training_step(
         raise ValueError(f"{variant.name} ({variant.task}) {need}")
     device, dtype = batch.prompt_embeds.device, batch.prompt_embeds.dtype
     x0 = sample_latents(batch.latent_mean, batch.latent_logvar, vae_scaling_factor, generator)
-    x0 = pad_latent_frames(x0, config.get("patch_size_t"))
+    x0 = pad_latent_frames(x0, variant.patch_size_t)
     batch_size, num_frames, _, height, width = x0.shape
 
     timesteps = torch.randint(

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from ..shared.atomic import atomic_write_text, fsync_dir
+from ..shared.models import is_hub_id
 from ..shared.variants import Variant, get_variant
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -237,18 +238,13 @@ def write_model_card(
 def _front_matter(base_model: str, variant: Variant, mode: str) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     # The hub reads base_model as a repo id: a local folder would be a broken link there.
-    if _is_hub_id(base_model):
+    if is_hub_id(base_model):
         meta["base_model"] = base_model
         meta["base_model_relation"] = "adapter" if mode == "lora" else "finetune"
     meta["library_name"] = "diffusers"
     meta["pipeline_tag"] = _task_words(variant)
     meta["tags"] = ["cogvideox", _task_words(variant), "lora" if mode == "lora" else "full-fine-tune", "cogtune"]
     return meta
-
-
-def _is_hub_id(source: str) -> bool:
-    """owner/name that is not a local path (the rule `shared.models.open_model` resolves sources by)."""
-    return not Path(source).expanduser().exists() and not source.startswith((".", "/", "~")) and source.count("/") == 1
 
 
 def _task_words(variant: Variant) -> str:

@@ -25,8 +25,6 @@ from .outputs import unwrap_model
 
 GUIDANCE_SCALE = 6.0
 """Classifier-free guidance scale of the THUDM examples and the pipelines' default."""
-VAE_SPATIAL_SCALE = 8
-"""Pixels per latent in height and width, for every CogVideoX VAE."""
 
 
 def run_validation(
@@ -49,9 +47,10 @@ def run_validation(
 
     Returns the paths written; [] when the store has no validation prompts, or with `write` False (a rank
     that takes part in generating with sharded weights and leaves the writing to rank 0). `num_frames`,
-    `height` and `width` default to the store's first bucket. Every prompt starts from the same noise (`seed`) at every step, so
-    videos of different steps differ only by what training changed. The transformer is put in eval mode for
-    generation and given back in the mode it came in.
+    `height` and `width` default to the store's most common bucket (`most_common_bucket`, what the trainer
+    passes). Every prompt starts from the same noise (`seed`) at every step, so videos of different steps differ
+    only by what training changed. The transformer is put in eval mode for generation and given back in the
+    mode it came in.
     """
     tensors, metadata = read_extras(Path(store))
     prompts = json.loads(metadata.get("validation_prompts") or "[]")
@@ -123,35 +122,21 @@ def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_infer
     return (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def most_common_bucket(manifest: Manifest) -> tuple[int, int, int]:
+    """(frames, height, width) of the bucket with the most samples: what validation videos are made at."""
+    bucket = max(manifest.buckets, key=lambda b: (b["samples"], b["name"]))
+    return bucket["frames"], bucket["height"], bucket["width"]
+
+
 def _video_size(
     model: Model, store: Path, num_frames: int | None, height: int | None, width: int | None
 ) -> tuple[int, int, int]:
-    """(frames, height, width) to render: the arguments given, else the store's first bucket, else native."""
-    buckets = Manifest.load(store).buckets
-    if buckets:
-        default = (buckets[0]["frames"], buckets[0]["height"], buckets[0]["width"])
-    else:
-        default = _native_size(model)
+    """(frames, height, width) to render: the arguments given, else the store's most common bucket, else native."""
+    manifest = Manifest.load(store)
+    default = most_common_bucket(manifest) if manifest.buckets else model.native_size()
     size = (num_frames or default[0], height or default[1], width or default[2])
-    if model.variant.fixed_size and size[1:] != _native_size(model)[1:]:
-        raise CogtuneError(
-            f"{model.variant.name} only generates at {_native_size(model)[1]}x{_native_size(model)[2]} "
-            f"(learned positional embeddings); validation asked for {size[1]}x{size[2]}"
-        )
+    model.check_size(*size, "validation size")
     return size
-
-
-def _native_size(model: Model) -> tuple[int, int, int]:
-    """The model's own size: its transformer's sample size for 1.0 (what the pipelines default to); for 1.5,
-    whose sample size is the maximum RoPE grid rather than a video size, the release's native size."""
-    config = model.config("transformer")
-    if model.variant.generation == "1.5":
-        return model.variant.native_frames, model.variant.native_height, model.variant.native_width
-    return (
-        config["sample_frames"],
-        config["sample_height"] * VAE_SPATIAL_SCALE,
-        config["sample_width"] * VAE_SPATIAL_SCALE,
-    )
 
 
 def check_validation_inputs(model: Model, store: Path) -> None:
