@@ -38,6 +38,24 @@ app = make_app(
 )
 
 
+def sampling_fps(fps: str | None, model: Model) -> float | None:
+    """--fps as FrameSampling takes it: the model's rate by default, None for 'source', else the number given.
+
+    49 frames of a 30 fps clip cover 1.6 s where CogVideoX-5b was trained on 6.1 s at 8 fps: trained at the
+    source's rate, a LoRA learns slow motion, which the pipelines' 8 (or 16) fps export plays slower still."""
+    if fps is None:
+        return float(model.variant.fps)
+    if fps == "source":
+        return None
+    try:
+        value = float(fps)
+    except ValueError:
+        raise CogtuneError(f"--fps {fps!r}: give a frame rate, or 'source' to keep each video's own") from None
+    if not value > 0:
+        raise CogtuneError(f"--fps {fps}: must be positive")
+    return value
+
+
 def _bucket_spec(model: Model, resolution: str | None, buckets: Path | None) -> BucketSpec:
     if resolution and buckets:
         raise CogtuneError("give --resolution or --buckets, not both")
@@ -59,7 +77,9 @@ def encode(
     resolution: Optional[str] = typer.Option(None, help="One bucket FRAMESxHEIGHTxWIDTH (default: the model's native size)."),
     buckets: Optional[Path] = typer.Option(None, help="YAML/TOML bucket file: resolutions, frames, batch sizes, token budget."),
     resize: str = typer.Option("crop", help="crop: cover then centre crop (keeps aspect); stretch: plain resize."),
-    fps: Optional[float] = typer.Option(None, help="Resample clips to this frame rate (default: keep the source's)."),
+    fps: Optional[str] = typer.Option(None, help="Frame rate clips are sampled at: N, or 'source' to keep each "
+                                      "video's own (default: the model's, 8 for CogVideoX 1.0 and 16 for 1.5, the rate "
+                                      "it was trained at and its pipelines export at)."),
     stride: int = typer.Option(1, help="Take every N-th frame (after fps resampling)."),
     skip_start: float = typer.Option(0.0, help="Seconds to skip at the start of each video."),
     skip_end: float = typer.Option(0.0, help="Seconds to skip at the end of each video."),
@@ -92,7 +112,8 @@ def encode(
     data = read_dataset(dataset, layout, caption_column=caption_column, video_column=video_column, id_token=id_token)
     settings = EncodeSettings(
         buckets=spec.to_json(),
-        sampling=FrameSampling(fps=fps, stride=stride, skip_start=skip_start, skip_end=skip_end, clips=clips),
+        sampling=FrameSampling(fps=sampling_fps(fps, m), stride=stride, skip_start=skip_start, skip_end=skip_end,
+                               clips=clips),
         resize=resize,
         dtype=dtype,
         image_noise_variants=image_noise_variants if m.variant.task == "i2v" else 0,

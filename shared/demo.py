@@ -79,7 +79,9 @@ def make_demo_dataset(out: Path | str, count: int = 8, seed: int = 0, layout: La
     for i in range(count):
         height, width = SIZES[size_order[i % len(SIZES)]]
         fps = FRAME_RATES[(i + rate_offset) % len(FRAME_RATES)]
-        num_frames = int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1))
+        # MIN..MAX frames at 8 fps, as long at the clip's own rate: sampled at the model's rate (8 or 16 fps,
+        # cogprep's default) every clip still fills the smallest frame bucket
+        num_frames = round((int(rng.integers(MIN_FRAMES, MAX_FRAMES + 1)) - 1) * fps / 8) + 1
         frames, caption = _render_clip(rng, num_frames, height, width)
         file_path = f"videos/clip_{i:03d}.mp4"
         write_video(out / file_path, frames, fps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +263,34 @@ def test_latents_of_the_wrong_shape_are_refused_before_they_are_cached(tiny_mode
     assert not (tmp_path / "store" / S.INDEX).exists()
     encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x192x288")  # untiled: the right shape
     assert S.read_index(tmp_path / "store")[0]["bucket"] == "9x192x288"
+
+
+def test_clips_are_sampled_at_the_model_frame_rate_unless_told(dataset, tiny_models, tmp_path):
+    """49 frames of a 24 fps clip cover 2 s, where CogVideoX 1.0 trained on 6.1 s at 8 fps: the default samples at
+    the model's rate; --fps source keeps each clip's; the store records which, and a change re-encodes."""
+    store = tmp_path / "store"
+    encode(dataset, tiny_models["5b"], store)
+    assert S.Manifest.load(store).settings["sampling"]["fps"] == 8.0
+    fast = [r for r in S.read_index(store) if r["source"] in _sources_at(dataset, 24)]
+    assert fast and all(r["clip_step"] == 3.0 for r in fast)  # every third frame of a 24 fps source
+
+    encode(dataset, tiny_models["5b"], store, "--fps", "source")
+    assert S.Manifest.load(store).settings["sampling"]["fps"] is None
+    assert report(store)["encoded"]["videos"] == len(S.read_index(store))  # other settings: nothing reused
+    assert all(r["clip_step"] == 1.0 for r in S.read_index(store))
+
+    result = encode(dataset, tiny_models["5b"], tmp_path / "other", "--fps", "fast", expect=2)
+    assert result.stderr.strip() == "error: --fps 'fast': give a frame rate, or 'source' to keep each video's own"
+    assert S.Manifest.load(encode_default_1_5(dataset, tiny_models, tmp_path)).settings["sampling"]["fps"] == 16.0
+
+
+def _sources_at(dataset: Path, fps: int) -> set[str]:
+    from cogtune.shared.video import read_video_info
+
+    return {line for line in read_lines(dataset / "videos.txt") if read_video_info(dataset / line)[1] == fps}
+
+
+def encode_default_1_5(dataset: Path, tiny_models, tmp_path: Path) -> Path:
+    store = tmp_path / "store-1.5"
+    encode(dataset, tiny_models["1.5-5b"], store, "--resolution", "9x48x80")
+    return store

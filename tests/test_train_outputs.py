@@ -380,3 +380,13 @@ def test_full_model_card_loads_the_transformer_into_the_image_to_video_pipeline(
     assert 'CogVideoXTransformer3DModel.from_pretrained(\n    RUN_DIR, subfolder="transformer"' in snippet
     assert "CogVideoXImageToVideoPipeline.from_pretrained(" in snippet and "transformer=transformer" in snippet
     assert "image=image" in snippet and "fps=16" in snippet
+
+
+@pytest.mark.parametrize(("clip_fps", "words"), [
+    (8.0, "Trained on clips sampled at 8 fps (the model's own rate); export generated videos at 8 fps"),
+    (12.0, "Trained on clips sampled at 12 fps; export generated videos at 12 fps"),
+    (None, "Trained on clips at each source video's own frame rate; the pipeline's videos play at 8 fps"),
+])
+def test_the_model_card_states_the_frame_rate_the_clips_were_sampled_at(tmp_path, clip_fps, words):
+    card = write_model_card(tmp_path, {"mode": "lora"}, "THUDM/CogVideoX-5b", "5b", "lora", clip_fps=clip_fps)
+    assert words in card.read_text()

@@ -16,6 +16,7 @@ from ..shared.errors import CogtuneError
 from ..shared.models import Model, open_model
 from .checkpoints import find_resume_checkpoint
 from .config import DEFAULT_TARGET_MODULES, TrainConfig
+from .math import RELEASE_IMAGE_DROPOUT
 
 TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
 """What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
@@ -48,6 +49,7 @@ def check_run(config: TrainConfig) -> RunInputs:
     check_model_matches_store(model, manifest, config.store)
     check_native_size(model, manifest, config.store)
     check_target_modules(config, model)
+    resolve_image_dropout(config, model)
     if not config.allow_stale:
         check_dataset_current(config, manifest)
     if config.validate_every:
@@ -55,6 +57,19 @@ def check_run(config: TrainConfig) -> RunInputs:
 
         check_validation_inputs(model, config.store)
     return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
+
+
+def resolve_image_dropout(config: TrainConfig, model: Model) -> None:
+    """--image-dropout: the release's 0.05 by default for an image-to-video model (config.yaml records the value
+    used); refused for a text-to-video one, which has no image condition to drop."""
+    if model.variant.task == "i2v":
+        if config.image_dropout is None:
+            config.image_dropout = RELEASE_IMAGE_DROPOUT
+    elif config.image_dropout:
+        raise CogtuneError(f"--image-dropout {config.image_dropout}: {model.variant.name} is a text-to-video model, "
+                           f"it has no image condition to drop")
+    else:
+        config.image_dropout = 0.0
 
 
 def check_optional_packages(config: TrainConfig) -> None:

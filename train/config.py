@@ -88,6 +88,9 @@ class TrainConfig:
     back per block and step)."""
     caption_dropout: float = 0.0
     """Probability of training a sample on the empty prompt (for classifier-free guidance)."""
+    image_dropout: float | None = None
+    """I2V: zero the image condition of this share of samples, as the release trained (default 0.05 for
+    image-to-video models; text-to-video models have no image condition)."""
     seed: int = 0
     """Seed of the LoRA init, the data order and every noise draw."""
     checkpoint_every: int = 500
@@ -160,7 +163,8 @@ class TrainConfig:
         ):
             if value is not None and value < minimum:
                 raise CogtuneError(f"--{option} {value}: must be at least {minimum}")
-        for option, value in (("lora-dropout", self.lora_dropout), ("caption-dropout", self.caption_dropout)):
+        for option, value in (("lora-dropout", self.lora_dropout), ("caption-dropout", self.caption_dropout),
+                              ("image-dropout", self.image_dropout or 0.0)):
             if not 0.0 <= value < 1.0:
                 raise CogtuneError(f"--{option} {value}: must be in [0, 1)")
         if self.learning_rate <= 0:

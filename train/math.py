@@ -179,6 +179,26 @@ def drop_captions(
     return torch.where(dropped, empty_prompt_embeds.to(prompt_embeds), prompt_embeds)
 
 
+RELEASE_IMAGE_DROPOUT = 0.05
+"""Share of samples whose image condition the release's I2V training zeroed (SAT ``noised_image_dropout``)."""
+
+
+def drop_images(
+    image_latents: torch.Tensor,
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Image-condition dropout: each sample's image latent [B, C, 1, H, W] becomes zeros with `probability`.
+
+    The release's I2V training zeroes the noised image latent of 5 % of samples (CogVideoX SAT, the 5b-I2V
+    config's ``noised_image_dropout: 0.05``), so that the model keeps the path where the image says nothing.
+    Zeros before `image_conditioning` scales them are zeros after.
+    """
+    draws = torch.rand(image_latents.shape[0], generator=generator, device=_generator_device(generator))
+    dropped = (draws < probability).to(image_latents.device)[:, None, None, None, None]
+    return torch.where(dropped, torch.zeros_like(image_latents), image_latents)
+
+
 @dataclass
 class TrainBatch:
     """One batch of cached tensors, on the training device."""

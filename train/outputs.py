@@ -194,12 +194,14 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 
 def write_model_card(
-    out_dir: Path, config: Mapping[str, Any], base_model: str, variant: Variant | str, mode: str
+    out_dir: Path, config: Mapping[str, Any], base_model: str, variant: Variant | str, mode: str,
+    clip_fps: float | None = None,
 ) -> Path:
     """Write ``out_dir/README.md``: hub front matter, a copy-paste snippet that loads the output, the settings table.
 
     `config` is the run's settings (nested dicts become dotted names), `base_model` the model trained from
-    (hub id or folder), `mode` ``lora`` or ``full``.
+    (hub id or folder), `mode` ``lora`` or ``full``, `clip_fps` the frame rate cogprep sampled the clips at (None:
+    each source's own), which sets the speed of the motion the weights learned.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -215,6 +217,8 @@ def write_model_card(
             f"# {variant.name} {kind}",
             "",
             f"Fine-tuned from `{base_model}` ({variant.name}, {_task_words(variant)}) with cogtune.",
+            "",
+            _frame_rate_sentence(clip_fps, variant),
             "",
             "## Use it",
             "",
@@ -233,6 +237,15 @@ def write_model_card(
     path = out_dir / "README.md"
     atomic_write_text(path, text)
     return path
+
+
+def _frame_rate_sentence(clip_fps: float | None, variant: Variant) -> str:
+    if clip_fps is None:
+        return (f"Trained on clips at each source video's own frame rate; the pipeline's videos play at "
+                f"{variant.fps} fps, so motion may look faster or slower than in the clips.")
+    own = " (the model's own rate)" if clip_fps == variant.fps else ""
+    return (f"Trained on clips sampled at {clip_fps:g} fps{own}; export generated videos at {clip_fps:g} fps to see "
+            f"motion at the speed it was trained at.")
 
 
 def _front_matter(base_model: str, variant: Variant, mode: str) -> dict[str, Any]:

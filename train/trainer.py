@@ -48,7 +48,7 @@ from .checkpoints import CHECKPOINTS, complete_checkpoints, register_lora_checkp
 from .checks import RunInputs, check_run
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
-from .math import TrainBatch, drop_captions, training_step
+from .math import TrainBatch, drop_captions, drop_images, training_step
 from .preemption import Preempted, StopSignals
 from .run_lock import hold_run_folder
 from .state import RngStates
@@ -247,6 +247,8 @@ class Stepper:
             if config.caption_dropout > 0:
                 train_batch.prompt_embeds = drop_captions(train_batch.prompt_embeds, self.empty_embedding,
                                                           config.caption_dropout, generator)
+            if train_batch.image_latents is not None and config.image_dropout:
+                train_batch.image_latents = drop_images(train_batch.image_latents, config.image_dropout, generator)
             with accelerator.accumulate(self.model):
                 loss = training_step(self.model, self.noise_scheduler, train_batch,
                                      vae_scaling_factor=self.vae_config["scaling_factor"],
@@ -359,7 +361,7 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
         bar.close()
     seconds = time.perf_counter() - started
     outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds,
-                         loader.dataset.damaged, step_times)
+                         loader.dataset.damaged, step_times, inputs.manifest.settings.get("sampling", {}).get("fps"))
     if config.validate_every and losses:
         if accelerator.is_main_process:
             print(f"cogtrain: validation videos of step {max_steps}", file=sys.stderr, flush=True)
@@ -466,7 +468,7 @@ def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
 
 def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, steps: int,
                losses: list[float], seconds: float, damaged: list[dict[str, Any]],
-               step_times: list[float]) -> list[Path]:
+               step_times: list[float], clip_fps: float | None) -> list[Path]:
     """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary.
 
     `damaged`: the samples this rank skipped as damaged (--on-damaged skip); summary.json lists every rank's.
@@ -492,7 +494,7 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
         else:
             weights = save_full(transformer, config.out, state_dict=gathered)
         card = write_model_card(config.out, config.to_dict(), model_info.source, model_info.variant,
-                                OUTPUT_KIND[config.mode])
+                                OUTPUT_KIND[config.mode], clip_fps=clip_fps)
         outputs = [weights, card]
         summary = {
             "steps": steps,

@@ -1,0 +1,49 @@
+"""Image-to-video training details the pipelines imply: image-condition dropout as the release trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from cogtune.train.math import RELEASE_IMAGE_DROPOUT, drop_images
+from prep_helpers import encode
+from train_helpers import cogtrain, losses
+
+
+def test_image_dropout_zeroes_whole_image_latents_per_sample_with_its_probability():
+    latents = torch.randn(4000, 2, 1, 3, 3) + 5.0  # no sample is zero by chance
+    dropped = drop_images(latents, 0.25, torch.Generator().manual_seed(0))
+    zeroed = (dropped == 0).flatten(1).all(1)
+    kept = (dropped == latents).flatten(1).all(1)
+    assert bool((zeroed | kept).all())  # a whole latent or nothing
+    assert abs(zeroed.float().mean().item() - 0.25) < 0.03
+    # drawn from the step's generator: the same generator state drops the same samples (resume stays exact)
+    assert torch.equal(drop_images(latents, 0.25, torch.Generator().manual_seed(0)), dropped)
+    assert torch.equal(drop_images(latents, 0.0, torch.Generator().manual_seed(0)), latents)
+
+
+@pytest.fixture(scope="module")
+def i2v_store(train_dataset, tiny_models, tmp_path_factory):
+    store = tmp_path_factory.mktemp("i2v") / "store"
+    encode(train_dataset, tiny_models["1.5-5b-i2v"], store, "--resolution", "9x48x80", "--image-noise-variants", "2")
+    return store
+
+
+def test_an_i2v_run_drops_the_image_as_the_release_did_unless_told(i2v_store, tiny_models, tmp_path):
+    run = tmp_path / "run"
+    cogtrain(i2v_store, tiny_models["1.5-5b-i2v"], run, "--max-steps", "1")
+    assert yaml.safe_load((run / "config.yaml").read_text())["image_dropout"] == RELEASE_IMAGE_DROPOUT == 0.05
+    assert "| image_dropout | 0.05 |" in (run / "README.md").read_text()  # the model card says so
+
+    other = tmp_path / "other"
+    cogtrain(i2v_store, tiny_models["1.5-5b-i2v"], other, "--max-steps", "1", "--image-dropout", "0.5")
+    assert yaml.safe_load((other / "config.yaml").read_text())["image_dropout"] == 0.5
+    assert sorted(losses(other)) == [1]
+
+
+def test_image_dropout_is_refused_for_a_text_to_video_model(train_store, tiny_models, tmp_path):
+    run = tmp_path / "run"
+    result = cogtrain(train_store, tiny_models["5b"], run, "--max-steps", "1", "--image-dropout", "0.1", expect=2)
+    assert result.stderr.strip() == ("error: --image-dropout 0.1: CogVideoX-5b is a text-to-video model, it has no "
+                                     "image condition to drop")
+    assert not run.exists()
