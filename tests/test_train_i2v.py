@@ -47,3 +47,26 @@ def test_image_dropout_is_refused_for_a_text_to_video_model(train_store, tiny_mo
     assert result.stderr.strip() == ("error: --image-dropout 0.1: CogVideoX-5b is a text-to-video model, it has no "
                                      "image condition to drop")
     assert not run.exists()
+
+
+def test_validation_images_reach_the_pipeline_as_cogprep_crops_a_training_frame(tiny_models, tmp_path):
+    """A portrait image for a landscape validation size: the pipeline receives the pixels cogprep would cache for
+    a clip starting with that image (cover, then centre crop), not the image stretched by its VideoProcessor."""
+    import numpy as np
+    from cogtune.preprocess.frames import resize_to_bucket
+    from cogtune.train.validation import validation_images
+    from diffusers import CogVideoXImageToVideoPipeline
+    from PIL import Image
+
+    image = (np.random.default_rng(0).random((60, 40, 3)) * 255).astype(np.uint8)  # 60 high, 40 wide
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(tiny_models["1.5-5b-i2v"])
+    height, width = 48, 80
+
+    def as_pipeline_takes_it(pil) -> torch.Tensor:  # what __call__ does with `image` first
+        return pipe.video_processor.preprocess(pil, height=height, width=width)[0]
+
+    [prepared] = validation_images({"validation_image_0": torch.from_numpy(image)}, 1, tmp_path, height, width, "crop")
+    trained_on = torch.from_numpy(resize_to_bucket(image[None], height, width, "crop")[0]).permute(2, 0, 1)
+    assert torch.allclose(as_pipeline_takes_it(prepared), trained_on.float() / 127.5 - 1, atol=1e-6)
+    stretched = as_pipeline_takes_it(Image.fromarray(image))  # what it got before: the same image, other pixels
+    assert (stretched - (trained_on.float() / 127.5 - 1)).abs().mean() > 0.1

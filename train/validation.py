@@ -57,7 +57,10 @@ def run_validation(
     if not prompts:
         return []
     size = _video_size(model, Path(store), num_frames, height, width)
-    images = _validation_images(tensors, len(prompts), store) if model.variant.task == "i2v" else None
+    images = None
+    if model.variant.task == "i2v":
+        resize = Manifest.load(store).settings.get("resize", "crop")
+        images = validation_images(tensors, len(prompts), store, size[1], size[2], resize)
     net = unwrap_model(transformer)
     was_training = net.training
     vae = model.load_vae(dtype).to(device)
@@ -145,17 +148,28 @@ def check_validation_inputs(model: Model, store: Path) -> None:
     tensors, metadata = read_extras(Path(store))
     prompts = json.loads(metadata.get("validation_prompts") or "[]")
     if prompts and model.variant.task == "i2v":
-        _validation_images(tensors, len(prompts), store)
+        _missing_images(tensors, len(prompts), store)
 
 
-def _validation_images(tensors: dict[str, torch.Tensor], count: int, store: Path) -> list:
-    """The I2V conditioning images, one per prompt, as PIL images (the pipeline resizes them)."""
+def validation_images(tensors: dict[str, torch.Tensor], count: int, store: Path, height: int, width: int,
+                      resize: str) -> list:
+    """The I2V conditioning images, one per prompt, as PIL images of exactly height x width, made as cogprep
+    makes a training clip's first frame (`resize_to_bucket` with the store's resize mode: cover, then centre
+    crop, by default). Handed the raw image, the pipeline's VideoProcessor would stretch it to height x width:
+    the model would be validated on a condition shaped unlike any it trained on."""
     from PIL import Image
 
+    from ..preprocess.frames import resize_to_bucket
+
+    _missing_images(tensors, count, store)
+    return [Image.fromarray(resize_to_bucket(tensors[f"validation_image_{i}"].numpy()[None], height, width,
+                                             resize)[0]) for i in range(count)]
+
+
+def _missing_images(tensors: dict[str, torch.Tensor], count: int, store: Path) -> None:
     missing = [i for i in range(count) if f"validation_image_{i}" not in tensors]
     if missing:
         raise CogtuneError(
             f"{store}: an image-to-video model needs one validation image per validation prompt, "
             f"{len(missing)} of {count} missing (re-run cogprep encode with --validation-images)"
         )
-    return [Image.fromarray(tensors[f"validation_image_{i}"].numpy()) for i in range(count)]
