@@ -4,7 +4,9 @@ Order of one epoch, for a given (seed, epoch): the rows of each bucket are shuff
 that bucket's batch size, then the order of all batches is shuffled across buckets. Every batch holds rows of one
 bucket, so its tensors stack without padding.
 
-Two choices differ from the peers on purpose (REFERENCE.md section 4):
+Two choices differ from the peers on purpose (bucketed samplers in the field drop a bucket's leftover partial
+batch, yield nothing for a bucket smaller than its batch size, or truncate an epoch's batches to a multiple of
+the global batch, which drops most videos of a small dataset):
 
 - A bucket's leftover partial batch is kept as a smaller batch, never dropped: every sample is trained on once
   per epoch, and a bucket smaller than its batch size still yields one batch.
@@ -13,9 +15,11 @@ Two choices differ from the peers on purpose (REFERENCE.md section 4):
   takes batches r, r + W, r + 2W, ... So up to W - 1 batches repeat per epoch (`repeated_batches` counts them);
   no sample is dropped.
 
-The position (epoch, batches of that epoch already taken) is the whole sampler state: the same on every rank, so a
-checkpoint saved by one rank resumes all of them. The loader yields each batch with the position after it, so a
-checkpoint written after a step resumes exactly at the next batch, however far the prefetch thread has read ahead.
+The position (epoch, batches of that epoch already taken, and where the epoch's segment starts) is the whole
+sampler state: the same on every rank, so a checkpoint saved by one rank resumes all of them, on as many ranks or
+on another number (the new ranks share out what is left of the epoch). The loader yields each batch with the
+position after it, so a checkpoint written after a step resumes exactly at the next batch, however far the
+prefetch thread has read ahead.
 """
 
 from __future__ import annotations
