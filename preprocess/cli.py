@@ -328,6 +328,8 @@ def _about_table(store: Path, manifest: S.Manifest):
     table.add_row("variant", str(manifest.model.get("variant")))
     for component, fingerprint in sorted(manifest.model.get("fingerprints", {}).items()):
         table.add_row(f"fingerprint {component}", fingerprint)
+    for package, version in sorted(manifest.software.items()):
+        table.add_row(f"encoded with {package}", version)
     for key, value in sorted(manifest.settings.items()):
         table.add_row(f"setting {key}", value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     for key, value in sorted(manifest.dataset.items()):

@@ -29,6 +29,7 @@ from ..shared.disk import free_bytes, human_bytes, is_write_failure, write_error
 from ..shared.errors import CogtuneError
 from ..shared.fingerprint import FileHashes, hash_json
 from ..shared.models import Model, parse_dtype
+from ..shared.provenance import software_versions
 from ..shared.video import read_frames
 from .datasets import BadItem, Dataset
 from .frames import resize_to_bucket
@@ -613,6 +614,7 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
         settings=settings.to_json(),
         dataset=dataset_info,
         buckets=buckets,
+        software=software_versions(),
     )
     S.write_index(store, rows, manifest)  # the commit point: rows and manifest together
     _test_kill("index")

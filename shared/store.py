@@ -121,6 +121,9 @@ class Manifest:
     """The dataset path and layout the store was encoded from."""
     buckets: list[dict[str, Any]] = field(default_factory=list)
     """Each bucket: name, frames, height, width, batch_size (what the trainer uses), samples."""
+    software: dict[str, str] = field(default_factory=dict)
+    """Versions of cogtune, torch, diffusers and transformers the store was encoded under (`shared.provenance`);
+    empty for stores written before they were recorded."""
     format: str = FORMAT
     version: int = FORMAT_VERSION
     updated: float = field(default_factory=time.time)
@@ -157,7 +160,7 @@ class Manifest:
                 "encode the dataset again into a new folder"
             )
         fields = {k: data[k] for k in ("model", "settings", "dataset", "buckets", "format", "version", "updated")}
-        return cls(**fields)
+        return cls(**fields, software=data.get("software", {}))
 
 
 # ---------------------------------------------------------------------------------------------------------

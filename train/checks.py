@@ -4,6 +4,8 @@ a missing optional package, a LoRA target that names no module, a run folder alr
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -14,6 +16,7 @@ from ..preprocess.plan import plan_against_store
 from ..shared import store as S
 from ..shared.errors import CogtuneError
 from ..shared.models import Model, open_model
+from ..shared.provenance import software_versions
 from .checkpoints import find_resume_checkpoint
 from .config import DEFAULT_TARGET_MODULES, TrainConfig
 from .math import RELEASE_IMAGE_DROPOUT
@@ -50,6 +53,7 @@ def check_run(config: TrainConfig) -> RunInputs:
     check_native_size(model, manifest, config.store)
     check_target_modules(config, model)
     resolve_image_dropout(config, model)
+    note_other_diffusers(manifest, config.store)
     if not config.allow_stale:
         check_dataset_current(config, manifest)
     if config.validate_every:
@@ -57,6 +61,16 @@ def check_run(config: TrainConfig) -> RunInputs:
 
         check_validation_inputs(model, config.store)
     return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
+
+
+def note_other_diffusers(manifest: S.Manifest, store: Path) -> None:
+    """Say, in one line, when the store was encoded under another diffusers: its VAE and T5 code made the cached
+    tensors, and a change there (a fixed tiling seam, a new default) is invisible in the weights' fingerprints."""
+    encoded = manifest.software.get("diffusers")
+    running = software_versions()["diffusers"]
+    if encoded and encoded != running and os.environ.get("RANK", "0") == "0":
+        print(f"cogtrain: note: {store} was encoded under diffusers {encoded}, this run has {running}; if the VAE's "
+              f"code changed between them, cogprep encode --out NEW_STORE makes the latents anew", file=sys.stderr)
 
 
 def resolve_image_dropout(config: TrainConfig, model: Model) -> None:

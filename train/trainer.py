@@ -44,6 +44,7 @@ from tqdm import tqdm
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.models import Model
+from ..shared.provenance import software_versions
 from .checkpoints import CHECKPOINTS, complete_checkpoints, register_lora_checkpoint_hook, resume, save_checkpoint
 from .checks import RunInputs, check_run
 from .config import TrainConfig
@@ -504,6 +505,7 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
             "seconds_this_run": round(seconds, 3),
             "step_time_median_s": round(statistics.median(step_times), 4) if step_times else None,
             "final_loss": losses[-1] if losses else None,
+            "software": software_versions(),
             "damaged_samples_skipped": [{k: d[k] for k in ("key", "source", "error")} for d in damaged],
             "outputs": [str(p) for p in outputs],
         }
