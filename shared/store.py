@@ -571,13 +571,14 @@ def write_extras(store: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 def read_extras_metadata(store: Path) -> dict[str, str] | None:
     """extras.safetensors' metadata from its JSON header alone (no tensor read, no torch); None if absent."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(store) / EXTRAS
     try:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    except (OSError, ValueError):
+        with safe_open(str(path), framework="numpy") as f:  # the header alone: no tensor is read
+            return dict(f.metadata() or {})
+    except (OSError, SafetensorError):
         return None
-    return header.get("__metadata__", {})
 
 
 def read_extras(store: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -41,12 +41,10 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, ALPHA = 4, 8  # alpha != rank: a loader that assumes alpha = rank gets half the trained strength
 
 
-class DDPLike(torch.nn.Module):
-    """Stands in for a DDP / accelerate wrapper: the trained model sits in ``.module``."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module = module
+def wrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a data-parallel wrapper, as accelerate prepares it (DataParallel: no process group
+    needed on the CPU; accelerate unwraps it as it unwraps DDP)."""
+    return torch.nn.DataParallel(module)
 
 
 def latent_size(model) -> tuple[int, int, int]:
@@ -132,7 +130,7 @@ def trained_lora(request, tiny_models, tmp_path_factory):
     train_a_little(transformer, model)
     assert all(m.lora_B["default"].weight.abs().sum() > 0 for m in lora_layers(transformer).values())
     run = tmp_path_factory.mktemp("lora-run")
-    saved = save_lora(DDPLike(transformer), run, rank=RANK, alpha=ALPHA, target_modules=TARGETS)
+    saved = save_lora(wrapped(transformer), run, rank=RANK, alpha=ALPHA, target_modules=TARGETS)
     assert saved == run / LORA_WEIGHT_NAME
     return model, transformer, run
 
@@ -211,7 +209,7 @@ def test_full_transformer_round_trips_and_runs_in_the_pipeline(tiny_models, tmp_
     model = open_model(tiny_models["5b"])
     transformer = model.load_transformer()
     train_a_little(transformer, model, steps=1)
-    save_full(DDPLike(transformer), tmp_path)
+    save_full(wrapped(transformer), tmp_path)
     train_a_little(transformer, model, steps=1)  # saving again must replace the folder whole
     folder = save_full(transformer, tmp_path)
 

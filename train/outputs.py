@@ -42,14 +42,11 @@ os.umask(_UMASK)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP / accelerate wrappers (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    """The bare model inside DDP, FSDP, DeepSpeed and ``torch.compile`` wrappers: accelerate's own unwrapping
+    (what ``Accelerator.unwrap_model`` runs), for callers that hold a model but no accelerator."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -432,8 +432,6 @@ def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_inf
             if accelerator.is_main_process:
                 print(f"cogtrain: validation at step {step} failed, training goes on: {type(e).__name__}: {e}",
                       file=sys.stderr, flush=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         finally:
             generators.restore()
     accelerator.wait_for_everyone()

@@ -9,13 +9,13 @@ the call only and freed after it, so it costs no GPU memory between validations.
 
 from __future__ import annotations
 
-import gc
 import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.training_utils import free_memory
 
 from ..shared.errors import CogtuneError
 from ..shared.models import Model
@@ -82,9 +82,7 @@ def run_validation(
     finally:
         net.train(was_training)
         del pipe, vae
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()  # diffusers': garbage collection, then the accelerator's cache
     return paths
 
 
