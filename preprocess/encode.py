@@ -230,7 +230,7 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
                                                 settings.text_length, device)
                 for key, emb, n in zip(keys, embeds, tokens):
                     record(packer.put(S.TEXT_BUCKET, key, ("text", key, n), {
-                        S.TEXT: {"embedding": emb.to(storage)},
+                        S.TEXT: {S.EMBEDDING: emb.to(storage)},
                         S.META: json.dumps({"caption": plan.text_jobs[key], "tokens": n}).encode(),
                     }))
                 result.encoded_texts += len(keys)
@@ -319,14 +319,14 @@ def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSetting
         posterior = vae.encode(x).latent_dist
     check_latent_shape(vae, tuple(frames.shape[:3]), tuple(posterior.mean.shape[2:]), job.path)
     members: dict[str, Any] = {
-        S.LATENT: {"mean": posterior.mean[0].to(storage).cpu(), "logvar": posterior.logvar[0].to(storage).cpu()},
+        S.LATENT: {S.MEAN: posterior.mean[0].to(storage).cpu(), S.LOGVAR: posterior.logvar[0].to(storage).cpu()},
         S.META: json.dumps({"source": str(job.path), "bucket": job.bucket.name, "clip_start": job.window.start,
                             "clip_step": job.window.stride}).encode(),
     }
     if settings.image_noise_variants > 0:
         members[S.IMAGE] = encode_image_variants(vae, decoded["image"], job.key, settings, device, compute, storage)
         image = decoded["image"]  # uint8 [H, W, 3]
-        check_latent_shape(vae, (1, *image.shape[:2]), tuple(members[S.IMAGE]["clean"].shape[1:]), job.path)
+        check_latent_shape(vae, (1, *image.shape[:2]), tuple(members[S.IMAGE][S.CLEAN].shape[1:]), job.path)
     return members
 
 
@@ -386,8 +386,8 @@ def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSe
     with torch.no_grad():
         posterior = vae.encode(batch).latent_dist
         samples = posterior.sample(generator=gen)
-    return {"clean": posterior.mean[0].to(storage).cpu(), "noisy": samples[1:].to(storage).cpu(),
-            "sigma": sigma.float()}
+    return {S.CLEAN: posterior.mean[0].to(storage).cpu(), S.NOISY: samples[1:].to(storage).cpu(),
+            S.SIGMA: sigma.float()}
 
 
 class _Packer:
@@ -587,21 +587,8 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
                 skipped.append(BadItem(sample["source"], failures[vkey]))
                 failed_sources.add(sample["source"])
             continue
-        members = videos[vkey]
         text_loc, tokens = texts[sample["text_key"]]
-        image = members.get(S.IMAGE)
-        rows.append({
-            **sample,
-            "shard": members[S.LATENT].shard,
-            "latent_offset": members[S.LATENT].offset,
-            "latent_size": members[S.LATENT].size,
-            "image_offset": image.offset if image else -1,
-            "image_size": image.size if image else 0,
-            "text_shard": text_loc.shard,
-            "text_offset": text_loc.offset,
-            "text_size": text_loc.size,
-            "text_tokens": tokens,
-        })
+        rows.append({**sample, **S.location_columns(videos[vkey], text_loc), "text_tokens": tokens})
     counts = Counter(r["bucket"] for r in rows)
     buckets = []
     for name in sorted(counts):

@@ -131,10 +131,8 @@ def _referenced_locations(rows: list[dict[str, Any]]) -> set[tuple[str, int, int
     """(shard, offset, size) of every member an index row points at."""
     out = set()
     for r in rows:
-        out.add((r["shard"], r["latent_offset"], r["latent_size"]))
-        if r["image_offset"] >= 0:
-            out.add((r["shard"], r["image_offset"], r["image_size"]))
-        out.add((r["text_shard"], r["text_offset"], r["text_size"]))
+        video, text = S.row_locations(r)
+        out |= {(loc.shard, loc.offset, loc.size) for loc in (*video.values(), text)}
     return out
 
 
@@ -182,17 +180,10 @@ def _copy_live_items(store: Path, rewrite: list[ShardUse]) -> dict[tuple[str, in
 
 
 def _relocate(row: dict[str, Any], moved: dict[tuple[str, int], S.Location]) -> dict[str, Any]:
-    """The row with its members' new locations (sizes are unchanged: the bytes were copied)."""
-    out = dict(row)
-    latent = moved.get((row["shard"], row["latent_offset"]))
-    if latent is not None:
-        out["shard"], out["latent_offset"] = latent.shard, latent.offset
-        if row["image_offset"] >= 0:
-            out["image_offset"] = moved[(row["shard"], row["image_offset"])].offset
-    text = moved.get((row["text_shard"], row["text_offset"]))
-    if text is not None:
-        out["text_shard"], out["text_offset"] = text.shard, text.offset
-    return out
+    """The row with its members' new locations (a video item's members move together: they share a shard)."""
+    video, text = S.row_locations(row)
+    video = {member: moved.get((loc.shard, loc.offset), loc) for member, loc in video.items()}
+    return {**row, **S.location_columns(video, moved.get((text.shard, text.offset), text))}
 
 
 def _delete_after_commit(store: Path, shards: list[str], temp_files: list[Path]) -> None:
@@ -242,7 +233,7 @@ def decode_first_frames(store: Path, rows: list[dict[str, Any]], vae) -> list[np
     frames = []
     try:
         for r in rows:
-            mean = reader.tensors(r["shard"], r["latent_offset"], r["latent_size"])["mean"]
+            mean = reader.tensors(r["shard"], r["latent_offset"], r["latent_size"])[S.MEAN]
             frames.append(_decode_first_frame(vae, mean.to(vae.device, vae.dtype)))
     finally:
         reader.close()

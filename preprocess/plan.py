@@ -280,11 +280,9 @@ def _known_items(store: Path, old_rows: list[dict[str, Any]]):
     video: dict[str, dict[str, S.Location]] = {}
     text: dict[str, tuple[S.Location, int]] = {}
     for r in old_rows:
-        members = {S.LATENT: S.Location(r["shard"], r["latent_offset"], r["latent_size"])}
-        if r["image_offset"] >= 0:
-            members[S.IMAGE] = S.Location(r["shard"], r["image_offset"], r["image_size"])
+        members, text_location = S.row_locations(r)
         video[r["video_key"]] = members
-        text[r["text_key"]] = (S.Location(r["text_shard"], r["text_offset"], r["text_size"]), r["text_tokens"])
+        text[r["text_key"]] = (text_location, r["text_tokens"])
     referenced = {r["shard"] for r in old_rows} | {r["text_shard"] for r in old_rows}
     reader = S.ShardReader(store)
     for shard in S.list_shards(store):

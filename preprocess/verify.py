@@ -116,14 +116,13 @@ def _members(rows: list[dict[str, Any]]) -> tuple[list[Member], dict[str, list[i
     """Every distinct member the rows point at, and the rows of each item."""
     members: dict[tuple[str, int], Member] = {}
     rows_of_item: dict[str, list[int]] = defaultdict(list)
+    kinds = {S.LATENT: "latent", S.IMAGE: "image"}
     for i, row in enumerate(rows):
         size = (row["frames"], row["height"], row["width"])
-        located = [(row["shard"], row["latent_offset"], row["latent_size"], row["video_key"], "latent", size),
-                   (row["text_shard"], row["text_offset"], row["text_size"], row["text_key"], "text", ())]
-        if row["image_offset"] >= 0:
-            located.append((row["shard"], row["image_offset"], row["image_size"], row["video_key"], "image", size))
-        for shard, offset, length, item, kind, expect in located:
-            members.setdefault((shard, offset), Member(shard, offset, length, item, kind, expect))
+        video, text = S.row_locations(row)
+        located = [(loc, row["video_key"], kinds[member], size) for member, loc in video.items()]
+        for loc, item, kind, expect in [*located, (text, row["text_key"], "text", ())]:
+            members.setdefault((loc.shard, loc.offset), Member(loc.shard, loc.offset, loc.size, item, kind, expect))
         rows_of_item[row["video_key"]].append(i)
         rows_of_item[row["text_key"]].append(i)
     return list(members.values()), rows_of_item
@@ -135,11 +134,11 @@ def _check_member(data: bytes, member: Member, dtype: str, text_length: int | No
         tensors = S.tensors_from_bytes(data)
     except S.DamagedMember as e:
         return str(e)
-    wrong_dtype = sorted(k for k, t in tensors.items() if k != "sigma" and str(t.dtype) != f"torch.{dtype}")
+    wrong_dtype = sorted(k for k, t in tensors.items() if k != S.SIGMA and str(t.dtype) != f"torch.{dtype}")
     if wrong_dtype:
         return f"{', '.join(wrong_dtype)}: not {dtype}"
     if member.kind == "text":
-        embedding = tensors.get("embedding")
+        embedding = tensors.get(S.EMBEDDING)
         if embedding is None or embedding.ndim != 2 or (text_length and embedding.shape[0] != text_length):
             return f"embedding of shape {None if embedding is None else tuple(embedding.shape)}, expected " \
                    f"[{text_length}, D]"
@@ -147,12 +146,12 @@ def _check_member(data: bytes, member: Member, dtype: str, text_length: int | No
     frames, height, width = member.expect
     grid = ((frames - 1) // 4 + 1, height // 8, width // 8)  # the VAE's 4x temporal, 8x spatial compression
     if member.kind == "latent":
-        mean, logvar = tensors.get("mean"), tensors.get("logvar")
+        mean, logvar = tensors.get(S.MEAN), tensors.get(S.LOGVAR)
         if mean is None or logvar is None or mean.ndim != 4 or tuple(mean.shape[1:]) != grid \
                 or logvar.shape != mean.shape:
             return f"latent of shape {None if mean is None else tuple(mean.shape)}, expected [C, {', '.join(map(str, grid))}]"
         return None
-    clean, noisy, sigma = tensors.get("clean"), tensors.get("noisy"), tensors.get("sigma")
+    clean, noisy, sigma = tensors.get(S.CLEAN), tensors.get(S.NOISY), tensors.get(S.SIGMA)
     if clean is None or noisy is None or sigma is None or tuple(clean.shape[1:]) != (1, *grid[1:]) \
             or tuple(noisy.shape[1:]) != tuple(clean.shape) or noisy.shape[0] != sigma.shape[0]:
         return "image latents of the wrong names or shapes"

@@ -133,9 +133,9 @@ def write_store(store: Path, samples: int, latent: tuple[int, ...]) -> None:
     rows = []
     for i in range(samples):
         mean, logvar = (torch.randn(latent, generator=generator).bfloat16() for _ in range(2))
-        where = video.add(f"v{i:08d}", {S.LATENT: S.tensors_to_bytes({"mean": mean, "logvar": logvar})})
+        where = video.add(f"v{i:08d}", {S.LATENT: S.tensors_to_bytes({S.MEAN: mean, S.LOGVAR: logvar})})
         embedding = torch.randn(226, 64, generator=generator).bfloat16()
-        said = text.add(f"t{i:08d}", {S.TEXT: S.tensors_to_bytes({"embedding": embedding})})
+        said = text.add(f"t{i:08d}", {S.TEXT: S.tensors_to_bytes({S.EMBEDDING: embedding})})
         rows.append({
             "key": f"k{i:08d}", "source": f"videos/{i}.mp4", "kind": "video", "bucket": f"{frames}x{height}x{width}",
             "frames": frames, "height": height, "width": width, "caption": f"caption {i}", "clip_start": 0,

@@ -273,7 +273,7 @@ def stage_times(model_path: Path, data: Path, store: Path, empty: Path, workers:
     for at in range(0, len(captions), options.text_batch_size):
         embeds, _ = E.encode_prompts(tokenizer, text_encoder, captions[at : at + options.text_batch_size],
                                      settings.text_length, device)
-        items += [{"embedding": e.to(storage)} for e in embeds]
+        items += [{S.EMBEDDING: e.to(storage)} for e in embeds]
     for job in jobs:
         members = E.encode_video_item(vae, decoded[job.key], job, settings, device, compute, storage)
         items += [m for m in members.values() if not isinstance(m, bytes)]
@@ -321,11 +321,11 @@ def bytes_per_sample(store: Path, model_path: Path) -> dict:
     naive = 0
     for r in rows:
         tensors = S.read_sample(reader, r)
-        raw["video"] += sum(tensor_bytes(tensors[k]) for k in ("mean", "logvar"))
-        raw["text"] += tensor_bytes(tensors["embedding"])
+        raw["video"] += sum(tensor_bytes(tensors[k]) for k in (S.MEAN, S.LOGVAR))
+        raw["text"] += tensor_bytes(tensors[S.EMBEDDING])
         packed["video"] += r["latent_size"]
         packed["text"] += r["text_size"]
-        naive += 4 * (2 * tensors["mean"].numel() + tensors["embedding"].numel())
+        naive += 4 * (2 * tensors[S.MEAN].numel() + tensors[S.EMBEDDING].numel())
     reader.close()
     if len({r["text_key"] for r in rows}) != len(rows):
         raise SystemExit("the bench's captions must differ: a shared caption is stored once and would flatter (f)")

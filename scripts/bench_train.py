@@ -237,11 +237,11 @@ def write_random_store(args: argparse.Namespace, model: Path, store: Path) -> No
     rows = []
     for i in range(samples_in_store(args)):
         shape = (channels, *latent_shape(args))
-        latent = {name: torch.randn(shape, generator=generator).bfloat16() for name in ("mean", "logvar")}
+        latent = {name: torch.randn(shape, generator=generator).bfloat16() for name in (S.MEAN, S.LOGVAR)}
         embedding = torch.randn(text, generator=generator).bfloat16()
         video_key, text_key = f"{i:016x}{0:016x}", f"{i:016x}{1:016x}"
         video = videos.add(video_key, {S.LATENT: S.tensors_to_bytes(latent), S.META: b"{}"})
-        caption = texts.add(text_key, {S.TEXT: S.tensors_to_bytes({"embedding": embedding}), S.META: b"{}"})
+        caption = texts.add(text_key, {S.TEXT: S.tensors_to_bytes({S.EMBEDDING: embedding}), S.META: b"{}"})
         rows.append({
             "key": f"{i:032x}", "source": f"random/{i}", "kind": "video", "bucket": bucket, "frames": args.frames,
             "height": args.height, "width": args.width, "caption": PROMPT, "clip_start": 0, "clip_step": 1.0,

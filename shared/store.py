@@ -70,13 +70,24 @@ EXTRAS = "extras.safetensors"
 REPORT = "report.json"
 SHARDS = "shards"
 CACHE_DIR = ".cache"
-DAMAGED = "damaged.json"
 """cogprep's file-hash and probe caches: not part of the store's content."""
+DAMAGED = "damaged.json"
+"""The items `cogprep verify` found damaged, for the next encode to re-encode (absent when none are)."""
 TEXT_BUCKET = "text"
 
+# The members of the two kinds of cached item, and the tensors each member holds. A video item (one clip at one
+# bucket) has a LATENT member and, for I2V, an IMAGE member; a text item (one caption) has a TEXT member; both
+# have a META member (JSON, for people and for `scan_shard`).
 LATENT = "latent.safetensors.gz"
+MEAN, LOGVAR = "mean", "logvar"
+"""LATENT's tensors: the VAE posterior's mean and log-variance [C, F, H, W], unscaled."""
 IMAGE = "image.safetensors.gz"
+CLEAN, NOISY, SIGMA = "clean", "noisy", "sigma"
+"""IMAGE's tensors: the conditioning image's clean latent [C, 1, H, W], K noise-augmented ones [K, C, 1, H, W]
+and their pixel noise levels [K]."""
 TEXT = "text.safetensors.gz"
+EMBEDDING = "embedding"
+"""TEXT's tensor: the T5 embedding [text_length, D], exactly as the pipeline computes it."""
 META = "json"
 
 INDEX_SCHEMA = pa.schema(
@@ -525,12 +536,35 @@ def check_shards(store: Path, index: IndexColumns) -> None:
                            f"its samples")
 
 
-def read_sample(reader: ShardReader, row: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every cached tensor of one index row: mean, logvar, embedding (+ clean, noisy, sigma for I2V)."""
-    out = dict(reader.tensors(row["shard"], row["latent_offset"], row["latent_size"]))
-    out.update(reader.tensors(row["text_shard"], row["text_offset"], row["text_size"]))
+def row_locations(row: dict[str, Any]) -> tuple[dict[str, Location], Location]:
+    """Where an index row's cached members lie: ({LATENT: ..., IMAGE: ... for I2V}, the TEXT member)."""
+    video = {LATENT: Location(row["shard"], row["latent_offset"], row["latent_size"])}
     if row["image_offset"] >= 0:
-        out.update(reader.tensors(row["shard"], row["image_offset"], row["image_size"]))
+        video[IMAGE] = Location(row["shard"], row["image_offset"], row["image_size"])
+    return video, Location(row["text_shard"], row["text_offset"], row["text_size"])
+
+
+def location_columns(video: dict[str, Location], text: Location) -> dict[str, Any]:
+    """The index columns that say where a sample's members lie: the inverse of `row_locations`."""
+    latent, image = video[LATENT], video.get(IMAGE)
+    return {
+        "shard": latent.shard,
+        "latent_offset": latent.offset,
+        "latent_size": latent.size,
+        "image_offset": image.offset if image else -1,
+        "image_size": image.size if image else 0,
+        "text_shard": text.shard,
+        "text_offset": text.offset,
+        "text_size": text.size,
+    }
+
+
+def read_sample(reader: ShardReader, row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every cached tensor of one index row: MEAN, LOGVAR, EMBEDDING (+ CLEAN, NOISY, SIGMA for I2V)."""
+    video, text = row_locations(row)
+    out = {}
+    for location in (*video.values(), text):
+        out.update(reader.tensors(location.shard, location.offset, location.size))
     return out
 
 

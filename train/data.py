@@ -40,8 +40,14 @@ import torch
 
 from ..shared.errors import CogtuneError
 from ..shared.store import (
+    CLEAN,
+    EMBEDDING,
     INDEX,
+    LOGVAR,
+    MEAN,
+    NOISY,
     SAMPLE_COLUMNS,
+    SIGMA,
     DamagedMember,
     IndexColumns,
     Manifest,
@@ -261,18 +267,18 @@ class StoreDataset:
             row, sample = self._read_or_replace(row, planned)
             rows.append(row)
             samples.append(sample)
-        with_image = ["noisy" in sample for sample in samples]
+        with_image = [NOISY in sample for sample in samples]
         if any(with_image) and not all(with_image):
             raise CogtuneError(f"{self.store / INDEX}: rows with and without image latents in one bucket")
         batch = {
-            name: torch.stack([sample[name] for sample in samples]) for name in ("mean", "logvar", "embedding")
+            name: torch.stack([sample[name] for sample in samples]) for name in (MEAN, LOGVAR, EMBEDDING)
         }
         batch["rows"] = torch.tensor(rows, dtype=torch.long)
         if all(with_image):
-            variants = [self._draw_variant(planned, row, len(sample["sigma"])) for row, sample in zip(rows, samples)]
-            batch["clean"] = torch.stack([sample["clean"] for sample in samples])
-            batch["noisy"] = torch.stack([sample["noisy"][k] for sample, k in zip(samples, variants)])
-            batch["sigma"] = torch.stack([sample["sigma"][k] for sample, k in zip(samples, variants)])
+            variants = [self._draw_variant(planned, row, len(sample[SIGMA])) for row, sample in zip(rows, samples)]
+            batch[CLEAN] = torch.stack([sample[CLEAN] for sample in samples])
+            batch[NOISY] = torch.stack([sample[NOISY][k] for sample, k in zip(samples, variants)])
+            batch[SIGMA] = torch.stack([sample[SIGMA][k] for sample, k in zip(samples, variants)])
             batch["variant"] = torch.tensor(variants, dtype=torch.long)
         return batch
 

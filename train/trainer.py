@@ -170,10 +170,10 @@ def step_generator(seed: int, rank: int, batch_number: int, device: torch.device
 
 def to_train_batch(batch: dict[str, torch.Tensor], device: torch.device, embed_dtype: torch.dtype) -> TrainBatch:
     return TrainBatch(
-        latent_mean=batch["mean"].to(device),
-        latent_logvar=batch["logvar"].to(device),
-        prompt_embeds=batch["embedding"].to(device, embed_dtype),
-        image_latents=batch["noisy"].to(device) if "noisy" in batch else None,
+        latent_mean=batch[S.MEAN].to(device),
+        latent_logvar=batch[S.LOGVAR].to(device),
+        prompt_embeds=batch[S.EMBEDDING].to(device, embed_dtype),
+        image_latents=batch[S.NOISY].to(device) if S.NOISY in batch else None,
     )
 
 
@@ -262,7 +262,7 @@ class Stepper:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-            samples += batch["mean"].shape[0]
+            samples += batch[S.MEAN].shape[0]
             self.trained_rows += batch["rows"].tolist()
         # one collective for all three: the loss averaged over ranks, the samples summed, any rank's stop signal
         counts = torch.tensor([float(samples), float(stop_requested)], device=device)
