@@ -63,7 +63,7 @@ def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, t
         entry = json.loads(line)
         assert 0 <= entry["data_wait"] < entry["step_time"]
     assert (run / "README.md").read_text().strip()
-    assert [p.name for p in (run / "validation").iterdir()] == ["step-000004-0.mp4"]
+    assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-000004-0.mp4", "step-000004.png"]
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["steps_per_rank"] == [4]
@@ -133,7 +133,8 @@ def test_resume_reproduces_the_uninterrupted_run(store, tiny_models, tmp_path, m
     cogtrain(store, model, resumed, "--max-steps", "6", "--resume", "latest", *common)
 
     if validation:
-        assert sorted(p.name for p in (whole / "validation").iterdir()) == ["step-000003-0.mp4", "step-000006-0.mp4"]
+        assert sorted(p.name for p in (whole / "validation").iterdir()) == [
+            "step-000003-0.mp4", "step-000003.png", "step-000006-0.mp4", "step-000006.png"]
     assert sorted(losses(resumed)) == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(whole)
     assert_same_tensors(whole / weights, resumed / weights)

@@ -86,8 +86,11 @@ def register_lora_checkpoint_hook(accelerator, mode: str) -> None:
     accelerator.register_save_state_pre_hook(keep_trained)
 
 
-def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-XXXXXX`` atomically: into ``.step-XXXXXX.tmp``, then one rename (rank 0)."""
+def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any], keep: int,
+                    protect: int | None = None) -> Path:
+    """Write ``checkpoints/step-XXXXXX`` atomically: into ``.step-XXXXXX.tmp``, then one rename (rank 0).
+
+    The last `keep` checkpoints are kept (0: all), and the one of step `protect` (the best held-out loss)."""
     final = Path(run) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
@@ -118,8 +121,10 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
         shutil.rmtree(replaced, ignore_errors=True)
         fsync_dir(final.parent)
         if keep > 0:
+            kept = f"{CHECKPOINT_PREFIX}{protect:06d}" if protect is not None else None
             for old in complete_checkpoints(run)[:-keep]:
-                shutil.rmtree(old)
+                if old.name != kept:
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

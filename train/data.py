@@ -30,7 +30,7 @@ import json
 import queue
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class BucketBatchSampler:
 
     def __init__(
         self,
-        row_buckets: Sequence[str],
+        row_buckets: Sequence[str | None],
         batch_size: int,
         *,
         bucket_batch_sizes: Mapping[str, int] | None = None,
@@ -110,7 +110,7 @@ class BucketBatchSampler:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if not row_buckets:
+        if not any(bucket is not None for bucket in row_buckets):
             raise CogtuneError("the store holds no samples: nothing to train on")
         if batch_size < 1:
             raise CogtuneError(f"batch size must be at least 1, got {batch_size}")
@@ -124,7 +124,8 @@ class BucketBatchSampler:
         self.position = SamplerPosition(epoch=0, batch=0)
         self._bucket_rows: dict[str, list[int]] = {}
         for row, bucket in enumerate(row_buckets):
-            self._bucket_rows.setdefault(bucket, []).append(row)
+            if bucket is not None:  # None: a row kept out of training (the held-out evaluation set)
+                self._bucket_rows.setdefault(bucket, []).append(row)
         # sorted: the epoch order must not depend on the order buckets happen to appear in the index
         self._bucket_rows = dict(sorted(self._bucket_rows.items()))
         overrides = bucket_batch_sizes or {}
@@ -236,7 +237,7 @@ class StoreDataset:
     Reads go through one file-handle cache: use a dataset from one thread at a time.
     """
 
-    def __init__(self, store: Path, seed: int = 0, on_damaged: str = "stop"):
+    def __init__(self, store: Path, seed: int = 0, on_damaged: str = "stop", held_out: Collection[int] = ()):
         self.store = Path(store)
         self.manifest = Manifest.load(self.store)
         self.index = IndexColumns(self.store, ("bucket", *SAMPLE_COLUMNS))
@@ -247,6 +248,8 @@ class StoreDataset:
         self.on_damaged = on_damaged
         self.damaged: list[dict[str, str]] = []
         """Samples found damaged and skipped (--on-damaged skip), in the order met: key, source, error."""
+        self.held_out = frozenset(held_out)
+        """Rows kept out of training (the held-out evaluation set): never yielded, never a replacement."""
         self._reader = ShardReader(self.store)
 
     def __len__(self) -> int:
@@ -255,6 +258,11 @@ class StoreDataset:
     @property
     def row_buckets(self) -> list[str]:
         return self.index.strings("bucket")
+
+    @property
+    def training_row_buckets(self) -> list[str | None]:
+        """`row_buckets` with None for the held-out rows: what the sampler takes."""
+        return [None if row in self.held_out else bucket for row, bucket in enumerate(self.row_buckets)]
 
     @property
     def bucket_batch_sizes(self) -> dict[str, int]:
@@ -296,7 +304,7 @@ class StoreDataset:
         same_bucket = np.flatnonzero(self.row_buckets_array == bucket)
         rng = np.random.default_rng([self.seed, _REPLACEMENT_STREAM, planned.epoch, planned.global_index, row])
         for other in rng.permutation(same_bucket).tolist():
-            if other == row or any(d["row"] == other for d in self.damaged):
+            if other == row or other in self.held_out or any(d["row"] == other for d in self.damaged):
                 continue
             try:
                 return other, self._read(other)
@@ -378,11 +386,13 @@ class StoreLoader:
         world_size: int = 1,
         prefetch: int = 1,
         on_damaged: str = "stop",
+        held_out: Collection[int] = (),
     ) -> StoreLoader:
-        """The loader a training run uses: the manifest's per-bucket batch sizes, `batch_size` for the rest."""
-        dataset = StoreDataset(store, seed=seed, on_damaged=on_damaged)
+        """The loader a training run uses: the manifest's per-bucket batch sizes, `batch_size` for the rest;
+        the rows `held_out` (the evaluation set) are never yielded."""
+        dataset = StoreDataset(store, seed=seed, on_damaged=on_damaged, held_out=held_out)
         sampler = BucketBatchSampler(
-            dataset.row_buckets,
+            dataset.training_row_buckets,
             batch_size,
             bucket_batch_sizes=dataset.bucket_batch_sizes,
             seed=seed,

@@ -222,6 +222,7 @@ def training_step(
     invert_scale_latents: bool,
     generator: torch.Generator | None = None,
     transformer_config: Mapping[str, Any] | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One forward pass on `batch`; returns the float32 scalar v-prediction MSE loss, ready for backward.
 
@@ -233,7 +234,8 @@ def training_step(
     Model inputs take ``prompt_embeds.dtype``, as the pipelines' latents do.
 
     `vae_scaling_factor` and `invert_scale_latents` come from the model's VAE config. `transformer_config`
-    defaults to ``transformer.config``; pass it when `transformer` is a wrapper without one (DDP).
+    defaults to ``transformer.config``; pass it when `transformer` is a wrapper without one (DDP). `timesteps`
+    [B] fixes t instead of drawing it (the held-out evaluation's fixed grid); the other draws are unchanged.
     """
     config = transformer.config if transformer_config is None else transformer_config
     variant = detect_variant(config, where="transformer")
@@ -245,9 +247,10 @@ def training_step(
     x0 = pad_latent_frames(x0, variant.patch_size_t)
     batch_size, num_frames, _, height, width = x0.shape
 
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=_generator_device(generator)
-    ).to(device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator,
+                                  device=_generator_device(generator))
+    timesteps = timesteps.to(device)
     noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     model_input = scheduler.add_noise(x0, noise, timesteps)
     target = scheduler.get_velocity(x0, noise, timesteps).to(device)

@@ -192,13 +192,14 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 def write_model_card(
     out_dir: Path, config: Mapping[str, Any], base_model: str, variant: Variant | str, mode: str,
-    clip_fps: float | None = None,
+    clip_fps: float | None = None, pictures: list[Path] = (),
 ) -> Path:
     """Write ``out_dir/README.md``: hub front matter, a copy-paste snippet that loads the output, the settings table.
 
     `config` is the run's settings (nested dicts become dotted names), `base_model` the model trained from
     (hub id or folder), `mode` ``lora`` or ``full``, `clip_fps` the frame rate cogprep sampled the clips at (None:
-    each source's own), which sets the speed of the motion the weights learned.
+    each source's own), which sets the speed of the motion the weights learned; `pictures` (paths relative to
+    `out_dir`: the loss plot, the last validation sheet) are shown under it.
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -217,6 +218,7 @@ def write_model_card(
             "",
             _frame_rate_sentence(clip_fps, variant),
             "",
+            *(f"![{picture.stem}]({picture.as_posix()})\n" for picture in pictures),
             "## Use it",
             "",
             "```python",

@@ -22,6 +22,7 @@ from ..shared.models import Model
 from ..shared.store import Manifest, read_extras
 from ..shared.video import write_video
 from .outputs import unwrap_model
+from .plots import write_contact_sheet
 
 GUIDANCE_SCALE = 6.0
 """Classifier-free guidance scale of the THUDM examples and the pipelines' default."""
@@ -72,13 +73,16 @@ def run_validation(
     pipe.set_progress_bar_config(disable=True)
     net.eval()
     try:
-        paths = []
+        paths, videos = [], []
         for i in range(len(prompts)):
             frames = _generate(pipe, tensors, i, images, size, device, dtype, seed, num_inference_steps)
             if write:
                 path = Path(out_dir) / "validation" / f"step-{step:06d}-{i}.mp4"
                 write_video(path, frames, fps=model.variant.fps)
                 paths.append(path)
+                videos.append(frames)
+        if write:  # every prompt's video at a glance: a row of frames across the clip each
+            paths.append(write_contact_sheet(Path(out_dir) / "validation" / f"step-{step:06d}.png", videos, prompts))
     finally:
         net.train(was_training)
         del pipe, vae
