@@ -597,7 +597,9 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
                         "batch_size": spec.batch_size_for(Bucket(f, h, w)), "samples": counts[name]})
     manifest = S.Manifest(
         model={"source": model.source, "path": str(model.path), "variant": model.variant.name, "fingerprints": fps,
-               "configs": model.config_fingerprint(("vae", "text_encoder"))},
+               "configs": model.config_fingerprint(("vae", "text_encoder")),
+               # what cogtrain checks the model's weights against: `fps` would make it read every byte
+               "weights_identity": model.weights_identity(("vae", "text_encoder"))},
         settings=settings.to_json(),
         dataset=dataset_info,
         buckets=buckets,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CogtuneError
-from .fingerprint import FileHashes, folder_fingerprint, hash_json
+from .fingerprint import FileHashes, folder_fingerprint, hash_json, weights_identity
 from .variants import Variant, detect_variant
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -135,6 +135,12 @@ class Model:
     def config_fingerprint(self, components: tuple[str, ...]) -> dict[str, str]:
         """Hash of each component's config only: cheap, for checks that must not read the weights."""
         return {c: hash_json(self.config(c)) for c in components}
+
+    def weights_identity(self, components: tuple[str, ...]) -> dict[str, str]:
+        """`weights_identity` of each component whose folder holds weight files (a few MB read per component):
+        what cogprep records and cogtrain compares, where the full `fingerprint` would read every byte."""
+        found = {c: weights_identity(self.path / c) for c in components if (self.path / c).is_dir()}
+        return {c: identity for c, identity in found.items() if identity is not None}
 
 
 def open_model(source: str | Path, components: tuple[str, ...] = COMPONENTS) -> Model:

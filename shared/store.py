@@ -125,7 +125,8 @@ class Manifest:
     """store.json: everything needed to tell whether the store is current and what made it."""
 
     model: dict[str, Any]
-    """source, variant name, and fingerprints of the VAE, text encoder and tokenizer (content and config)."""
+    """source, variant name, and fingerprints of the VAE, text encoder and tokenizer (content and config), and
+    the VAE's and text encoder's `weights_identity` (absent from stores encoded before it was recorded)."""
     settings: dict[str, Any]
     """Encode settings that change what is cached (buckets, fps, resize mode, dtype, noise variants, ...)."""
     dataset: dict[str, Any]

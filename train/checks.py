@@ -15,7 +15,7 @@ import torch
 from ..preprocess.plan import plan_against_store
 from ..shared import store as S
 from ..shared.errors import CogtuneError
-from ..shared.models import Model, open_model
+from ..shared.models import Model, is_hub_id, open_model
 from ..shared.provenance import software_versions
 from .checkpoints import find_resume_checkpoint
 from .config import DEFAULT_TARGET_MODULES, TrainConfig
@@ -96,22 +96,40 @@ def check_optional_packages(config: TrainConfig) -> None:
 def check_model_matches_store(model: Model, manifest: S.Manifest, store: Path) -> None:
     """The cached latents and embeddings are only valid for the VAE and T5 they were made with.
 
-    Compares the variant and the VAE and text-encoder configs (cheap: no weights read, and no T5 needed here).
+    Compares the variant, then the VAE and text-encoder configs, then their weights by `Model.weights_identity`
+    (a few MB read per component, where cogprep's full fingerprint would read all 9.5 GB of T5). The transformer
+    is not compared: training on top of a merged or fine-tuned checkpoint is legitimate.
     """
     recorded = manifest.model
-    configs = model.config_fingerprint(("vae", "text_encoder"))
-    differing = [name for name, digest in configs.items() if recorded.get("configs", {}).get(name) != digest]
-    if recorded.get("variant") == model.variant.name and not differing:
-        return
-    what = (
-        f"variant {recorded.get('variant')}, this model is {model.variant.name}"
-        if recorded.get("variant") != model.variant.name
-        else f"its {' and '.join(name.replace('_', ' ') for name in differing)} config differs"
-    )
+    if recorded.get("variant") != model.variant.name:
+        what = f"variant {recorded.get('variant')}, this model is {model.variant.name}"
+    else:
+        what = differing_vae_or_text_encoder(model, recorded)
+        if what is None:
+            return
     raise CogtuneError(
         f"{store}: store made with another model ({recorded.get('source')}: {what}): train with that model, "
         f"or re-encode with cogprep encode --model {model.source}"
     )
+
+
+def differing_vae_or_text_encoder(model: Model, recorded: dict) -> str | None:
+    """How the model's VAE or T5 differs from the store's record (`Manifest.model`): configs, then weights."""
+    configs = model.config_fingerprint(("vae", "text_encoder"))
+    differing = [name for name, digest in configs.items() if recorded.get("configs", {}).get(name) != digest]
+    if differing:
+        return f"its {' and '.join(name.replace('_', ' ') for name in differing)} config differs"
+    weights = recorded.get("weights_identity")
+    if weights is None:
+        return None  # a store encoded before cogprep recorded weights: its configs are all there is to compare
+    # A hub id was fetched with TRAIN_COMPONENTS alone: T5's weights are not downloaded (9.5 GB) to be checked.
+    # A local folder without them (trimmed to what training needs) has its T5 left unchecked by weights_identity.
+    components = ("vae",) if is_hub_id(model.source) else ("vae", "text_encoder")
+    differing = [name for name, identity in model.weights_identity(components).items()
+                 if weights.get(name, identity) != identity]
+    if differing:
+        return f"its {' and '.join(name.replace('_', ' ') for name in differing)} weights differ"
+    return None
 
 
 def check_native_size(model: Model, manifest: S.Manifest, store: Path) -> None:
