@@ -140,6 +140,9 @@ def build_tiny_pipeline(variant: str | Variant, seed: int = 0):
     transformer = CogVideoXTransformer3DModel(**tiny_transformer_config(v))
     scheduler = getattr(diffusers, v.scheduler_class)(**scheduler_config(v))
     pipe_cls = getattr(diffusers, v.pipeline_class)
+    # as from_pretrained gives them: in eval mode (T5's dropout on would make every prompt embedding random)
+    for module in (text_encoder, vae, transformer):
+        module.eval()
     return pipe_cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
