@@ -409,5 +409,5 @@ def test_the_summary_gives_the_median_step_time_beside_the_wall_time(store, tiny
     steps = [json.loads(line)["step_time"] for line in (run / "losses.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step_time_median_s"] == round(statistics.median(steps), 4)
-    assert summary["step_time_median_s"] < summary["seconds_this_run"] / 5  # start-up is not a step
+    assert summary["seconds_this_run"] > sum(steps)  # the wall time also holds start-up and validation
     assert f"median step {summary['step_time_median_s']:.3f} s" in result.stdout

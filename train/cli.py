@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..shared.cli import make_app, quiet_hub_progress_bars
+from ..shared.cli import make_app, quiet_bitsandbytes_import, quiet_hub_progress_bars
 from ..shared.config import config_option
 from ..shared.errors import exit_on_user_error
 from .config import TrainConfig, field_help, parse_target_modules
@@ -60,12 +60,15 @@ def run_parameters() -> list[inspect.Parameter]:
 @exit_on_user_error
 def run(**options: Any) -> None:
     """Fine-tune MODEL on the cached tensors of STORE; weights, checkpoints and logs go to OUT."""
+    options.pop("config")
+    # both before the trainer's imports: the hub reads its switch on import, and peft imports bitsandbytes
+    if not options["progress"]:
+        quiet_hub_progress_bars()
+    if options["optimizer"] != "adamw8bit":
+        quiet_bitsandbytes_import()
     from .preemption import EXIT_PREEMPTED, Preempted
     from .trainer import train
 
-    options.pop("config")
-    if not options["progress"]:
-        quiet_hub_progress_bars()
     try:
         train(TrainConfig(**options))
     except Preempted:  # the trainer has said so on the main process

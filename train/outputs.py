@@ -218,6 +218,7 @@ def write_model_card(
             "",
             _frame_rate_sentence(clip_fps, variant),
             "",
+            *_base_weights_paragraph(config),
             *(f"![{picture.stem}]({picture.as_posix()})\n" for picture in pictures),
             "## Use it",
             "",
@@ -245,6 +246,17 @@ def _frame_rate_sentence(clip_fps: float | None, variant: Variant) -> str:
     own = " (the model's own rate)" if clip_fps == variant.fps else ""
     return (f"Trained on clips sampled at {clip_fps:g} fps{own}; export generated videos at {clip_fps:g} fps to see "
             f"motion at the speed it was trained at.")
+
+
+def _base_weights_paragraph(config: Mapping[str, Any]) -> list[str]:
+    """A sentence for a LoRA trained on a float8 base (--base-weights fp8), which users load on a bf16 one."""
+    if config.get("base_weights") != "fp8":
+        return []
+    compute = {"no": "float32", "fp16": "float16"}.get(config.get("mixed_precision"), "bfloat16")
+    return [f"The base model's frozen transformer weights were stored in float8 (e4m3) while this LoRA trained, "
+            f"each layer upcast to {compute} for its computation (patch and time embeddings, norms and the output "
+            f"projection kept in {compute}): the LoRA learned against that rounded base. It loads on the ordinary "
+            f"bf16 or float32 pipeline as any LoRA does.", ""]
 
 
 def _front_matter(base_model: str, variant: Variant, mode: str) -> dict[str, Any]:

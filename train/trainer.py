@@ -49,7 +49,9 @@ from .checkpoints import CHECKPOINTS, complete_checkpoints, register_lora_checkp
 from .checks import RunInputs, check_run
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
+from .evaluation import Evaluator, holdout_rows
 from .math import TrainBatch, drop_captions, drop_images, training_step
+from .plots import PLOT, write_loss_plot
 from .preemption import Preempted, StopSignals
 from .run_lock import hold_run_folder
 from .state import RngStates
@@ -124,6 +126,10 @@ def build_transformer(config: TrainConfig, model: Model) -> torch.nn.Module:
         for parameter in transformer.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
+        if config.base_weights == "fp8":
+            from .base_weights import store_frozen_weights_in_fp8
+
+            store_frozen_weights_in_fp8(transformer, WEIGHT_DTYPES[config.mixed_precision])
     if config.gradient_checkpointing:
         from .activation_offload import offloaded_checkpoint
 
@@ -144,13 +150,14 @@ def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) ->
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def make_loader(config: TrainConfig, rank: int, world_size: int) -> StoreLoader:
-    """The store's batches for this rank; --batch-size replaces every bucket's batch size from the store."""
+def make_loader(config: TrainConfig, rank: int, world_size: int, held_out: list[int]) -> StoreLoader:
+    """The store's batches for this rank, the `held_out` rows left out; --batch-size replaces every bucket's
+    batch size from the store."""
     if config.batch_size is None:
         return StoreLoader.from_store(config.store, 1, seed=config.seed, rank=rank, world_size=world_size,
-                                      prefetch=config.prefetch, on_damaged=config.on_damaged)
-    dataset = StoreDataset(config.store, seed=config.seed, on_damaged=config.on_damaged)
-    sampler = BucketBatchSampler(dataset.row_buckets, config.batch_size, seed=config.seed, rank=rank,
+                                      prefetch=config.prefetch, on_damaged=config.on_damaged, held_out=held_out)
+    dataset = StoreDataset(config.store, seed=config.seed, on_damaged=config.on_damaged, held_out=held_out)
+    sampler = BucketBatchSampler(dataset.training_row_buckets, config.batch_size, seed=config.seed, rank=rank,
                                  world_size=world_size)
     return StoreLoader(dataset, sampler, prefetch=config.prefetch)
 
@@ -218,6 +225,8 @@ class Stepper:
     """The empty prompt's T5 embedding [L, D], for caption dropout."""
     embed_dtype: torch.dtype
     """Dtype the embeddings are fed in: the frozen weights' (the pipelines feed the transformer's dtype)."""
+    compile_counter: Any = None
+    """With --compile, the `train.compile.CompileCounter` of the transformer's blocks."""
 
     def __post_init__(self) -> None:
         # listed once: walking every parameter of a 5B model each step costs time for nothing
@@ -287,11 +296,20 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
     from diffusers.optimization import get_scheduler
 
     world = accelerator.num_processes
+    if config.base_weights == "fp8":  # the parallelism is known once the accelerator exists; nothing written yet
+        from .base_weights import check_fp8_parallelism
+
+        check_fp8_parallelism(accelerator)
     set_seed(config.seed)  # the LoRA init draws from the global generators: the same on every rank
     transformer = build_transformer(config, inputs.model)
+    compile_counter = None
+    if config.compile:
+        from .compile import compile_blocks
+
+        compile_counter = compile_blocks(transformer)
     transformer_config = dict(transformer.config)
     optimizer = make_optimizer(config, [p for p in transformer.parameters() if p.requires_grad])
-    loader = make_loader(config, accelerator.process_index, world)
+    loader = make_loader(config, accelerator.process_index, world, holdout_rows(config.store, config.eval_holdout))
     max_steps = total_steps(config, loader.steps_per_epoch)
     # accelerate steps a prepared schedule once per process per optimizer step
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
@@ -311,6 +329,7 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
         vae_config=inputs.model.config("vae"),
         empty_embedding=S.read_extras(config.store)[0]["empty_embedding"].to(accelerator.device, embed_dtype),
         embed_dtype=embed_dtype,
+        compile_counter=compile_counter,
     )
     return stepper, loader, max_steps
 
@@ -330,6 +349,13 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
     validation_size = most_common_bucket(inputs.manifest)
     losses: list[float] = []
     step_times: list[float] = []
+    evaluator = None
+    if config.eval_every:  # a dataset of its own: the loader's is read by its prefetch thread
+        evaluator = Evaluator(StoreDataset(config.store, seed=config.seed), sorted(loader.dataset.held_out),
+                              config.seed)
+    # every rank reads it (after rank 0 cut losses.jsonl back): eval figures are equal on all ranks, so all
+    # reach the same decisions on the best step without a collective
+    best = best_eval(config.out / LOSSES)
     bar = tqdm(total=max_steps, initial=start_step, unit="step", desc="cogtrain", dynamic_ncols=True,
                disable=not (accelerator.is_main_process and config.progress))
     batches = iter(loader)
@@ -339,6 +365,12 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                 metrics, position, stopping = stepper.step(step, batches, signals.requested)
                 losses.append(metrics["loss"])
                 step_times.append(metrics["step_time"])
+                evaluated = evaluator is not None and (step % config.eval_every == 0 or step == max_steps)
+                if evaluated:
+                    metrics.update(evaluator.evaluate(stepper, accelerator))
+                improved = evaluated and (best is None or metrics["eval_loss"] < best[1])
+                if improved:
+                    best = (step, metrics["eval_loss"])
                 accelerator.log(metrics, step=step)
                 if config.log_samples:
                     log_samples(config.out, accelerator.process_index, step, stepper.trained_rows)
@@ -346,8 +378,12 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                     log_step(config.out, step, position, metrics)
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if stopping or step % config.checkpoint_every == 0 or step == max_steps:
-                    checkpoint = save_checkpoint(accelerator, config.out, step, position, config.keep_checkpoints)
+                if stopping or step % config.checkpoint_every == 0 or step == max_steps or (improved and config.keep_best):
+                    keep = best[0] if config.keep_best and best else None
+                    checkpoint = save_checkpoint(accelerator, config.out, step, position, config.keep_checkpoints,
+                                                 protect=keep)
+                    if accelerator.is_main_process:
+                        write_loss_plot(config.out)
                 if stopping:  # the step in flight is checkpointed: leave before validation and the outputs
                     preempted = Preempted(step, str(checkpoint), signals.received)
                     if accelerator.is_main_process:  # before the teardown, which a launcher may cut short
@@ -361,12 +397,16 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
         batches.close()
         bar.close()
     seconds = time.perf_counter() - started
+    clip_fps = inputs.manifest.settings.get("sampling", {}).get("fps")
     outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds,
-                         loader.dataset.damaged, step_times, inputs.manifest.settings.get("sampling", {}).get("fps"))
+                         loader.dataset.damaged, step_times, clip_fps, best,
+                         compiles=stepper.compile_counter.compiles if stepper.compile_counter else None)
     if config.validate_every and losses:
         if accelerator.is_main_process:
             print(f"cogtrain: validation videos of step {max_steps}", file=sys.stderr, flush=True)
         validate(config, accelerator, stepper.model, inputs.model, max_steps, validation_size)
+        if accelerator.is_main_process:  # the card shows the last contact sheet, made just now
+            write_card(config, inputs.model, clip_fps)
     return TrainResult(run=config.out, steps=max_steps, losses=losses, outputs=outputs, seconds=seconds)
 
 
@@ -382,6 +422,15 @@ def start_run_folder(config: TrainConfig, start_step: int) -> None:
         if log.exists():
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
             atomic_write_text(log, "".join(line + "\n" for line in kept))
+
+
+def best_eval(losses: Path) -> tuple[int, float] | None:
+    """(step, eval loss) of the lowest held-out loss losses.jsonl has logged; None before any."""
+    if not losses.exists():
+        return None
+    logged = [json.loads(line) for line in losses.read_text().splitlines() if line]
+    evaluated = [(entry["eval_loss"], entry["step"]) for entry in logged if "eval_loss" in entry]
+    return (min(evaluated)[1], min(evaluated)[0]) if evaluated else None
 
 
 def log_step(run: Path, step: int, position: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -467,16 +516,18 @@ def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
 
 def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, steps: int,
                losses: list[float], seconds: float, damaged: list[dict[str, Any]],
-               step_times: list[float], clip_fps: float | None) -> list[Path]:
+               step_times: list[float], clip_fps: float | None, best: tuple[int, float] | None,
+               compiles: int | None = None) -> list[Path]:
     """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary.
 
     `damaged`: the samples this rank skipped as damaged (--on-damaged skip); summary.json lists every rank's.
     `step_times`: the seconds of each optimizer step this invocation took; their median is the step time (the
     wall time also holds start-up, checkpoints and validation).
+    `compiles`: with --compile, the graphs this process compiled (rank 0's, as every rank compiles the same).
     """
     from accelerate.utils import gather_object
 
-    from .outputs import save_full, save_lora, write_model_card
+    from .outputs import save_full, save_lora
 
     digests = weights_digests(accelerator, model)
     # every rank's, once each: ranks that meet the same damaged sample (another epoch's batch) name it alike
@@ -492,8 +543,8 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
                                 target_modules=config.target_modules, state_dict=gathered)
         else:
             weights = save_full(transformer, config.out, state_dict=gathered)
-        card = write_model_card(config.out, config.to_dict(), model_info.source, model_info.variant,
-                                OUTPUT_KIND[config.mode], clip_fps=clip_fps)
+        write_loss_plot(config.out)
+        card = write_card(config, model_info, clip_fps)
         outputs = [weights, card]
         summary = {
             "steps": steps,
@@ -503,7 +554,10 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
             "seconds_this_run": round(seconds, 3),
             "step_time_median_s": round(statistics.median(step_times), 4) if step_times else None,
             "final_loss": losses[-1] if losses else None,
+            "compiles": compiles,
             "software": software_versions(),
+            "best_eval_step": best[0] if best else None,
+            "best_eval_loss": best[1] if best else None,
             "damaged_samples_skipped": [{k: d[k] for k in ("key", "source", "error")} for d in damaged],
             "outputs": [str(p) for p in outputs],
         }
@@ -511,6 +565,16 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
         print_summary(config, summary, outputs, digests)
     accelerator.wait_for_everyone()
     return outputs
+
+
+def write_card(config: TrainConfig, model_info: Model, clip_fps: float | None) -> Path:
+    """The model card, with the loss plot and the last validation contact sheet where the run made them."""
+    from .outputs import write_model_card
+
+    sheets = sorted((config.out / "validation").glob("step-*.png"))
+    pictures = [p.relative_to(config.out) for p in (config.out / PLOT, *sheets[-1:]) if p.exists()]
+    return write_model_card(config.out, config.to_dict(), model_info.source, model_info.variant,
+                            OUTPUT_KIND[config.mode], clip_fps=clip_fps, pictures=pictures)
 
 
 def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Path],
@@ -527,6 +591,9 @@ def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Pa
     checkpoints = complete_checkpoints(config.out)
     if checkpoints:
         print(f"  {checkpoints[-1]}  (resume with --resume latest)")
+    if summary["compiles"] is not None:
+        print(f"  {summary['compiles']} compiles of the transformer blocks (--compile; shapes are dynamic: not one "
+              f"per bucket)")
     if summary["damaged_samples_skipped"]:
         print(f"  skipped {len(summary['damaged_samples_skipped'])} damaged samples (listed in summary.json): "
               f"run cogprep verify {config.store}, then cogprep encode", file=sys.stderr)
