@@ -1,9 +1,10 @@
 """Benchmark cogtrain's step against a bare training loop and against the peers' VAE + T5 every step.
 
-    python scripts/bench_train.py [--arch tiny|5b] [--device cpu|cuda] [--mode lora|sft] [--rank 128]
+    python scripts/bench_train.py [--arch tiny|2b|5b|5b-i2v|1.5-5b|1.5-5b-i2v] [--device cpu|cuda]
+        [--mode lora|sft] [--rank 128] [--optimizer adamw|adamw8bit] [--base-weights bf16|fp8] [--compile]
         [--frames F --height H --width W] [--batch-size 1] [--steps 20] [--warmup 3] [--rounds 2]
-        [--no-gradient-checkpointing] [--offload-checkpoints] [--mixed-precision bf16] [--json PATH] [--work DIR]
-        [--dry-run]
+        [--variants bare,cogtrain,baseline] [--no-gradient-checkpointing] [--offload-checkpoints]
+        [--mixed-precision bf16] [--json PATH] [--work DIR] [--dry-run]
 
 Three variants on the same model, the same shapes and the same seed, each run in a fresh subprocess (so that
 their memory peaks do not mix), round after round (so that a slow spell of a shared machine hits all of them):
@@ -27,11 +28,13 @@ Targets: cogtrain at most 1.05x the bare loop's median step time and 1.10x its p
 --device cuda``, under 18 GB reserved at the peers' setup (LoRA r128, 49x480x720, batch 1, gradient
 checkpointing), where they need 20.7 GB (finetrainers' published CogVideoX memory figures).
 
-``--arch tiny`` trains the tiny CogVideoX-5b of `shared.zoo` on a store encoded with cogprep. ``--arch 5b``
-builds CogVideoX-5b at full size from its published configs (transformer, VAE, T5-XXL) with random weights drawn
-directly on the device in the weights' dtype, and trains on a store of random latents written with the store
-API, so nothing is downloaded and no VAE or T5 runs for cogtrain. ``--dry-run`` builds the model on the meta
-device, runs one training step there (shapes only, nothing allocated) and prints the parameter counts.
+``--arch tiny`` trains the tiny CogVideoX-5b of `shared.zoo` on a store encoded with cogprep. The other archs
+(2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v) build that release at full size from its published configs (transformer,
+VAE, T5-XXL; cogvideox_5b.py) with random weights drawn directly on the device in the weights' dtype, and train
+on a store of random latents (and, for I2V, image latents) written with the store API, so nothing is downloaded
+and no VAE or T5 runs for cogtrain. ``--dry-run`` builds the model on the meta device, takes two steps there
+(shapes only, nothing allocated) and prints the parameter counts, the memory the step would hold and the step's
+model FLOPs.
 """
 
 from __future__ import annotations
@@ -60,11 +63,13 @@ from cogtune.preprocess.cli import app as cogprep_app
 from cogtune.preprocess.encode import encode_prompts
 from cogtune.shared import store as S
 from cogtune.shared.models import Model, open_model
+from cogtune.shared.variants import get_variant
 from cogtune.shared.video import write_video
 from cogtune.shared.zoo import make_tiny_model
 from cogtune.train.checks import check_run
+from cogtune.train.compile import compile_blocks
 from cogtune.train.config import TrainConfig
-from cogtune.train.math import TrainBatch, rotary_embeddings, training_step
+from cogtune.train.math import TrainBatch, ofs_tensor, padded_frame_count, rotary_embeddings, training_step
 from cogtune.train.trainer import (
     CUDA_ALLOCATOR,
     WEIGHT_DTYPES,
@@ -76,8 +81,16 @@ from cogtune.train.trainer import (
     step_generator,
 )
 from cogtune.train.validation import tile_large_frames
-from cogvideox_5b import MetaMemory, RandomWeightsModel, flash_attention_on_meta, write_5b_model
+from cogvideox_5b import (
+    REAL_CONFIGS,
+    MetaAdamW8bit,
+    MetaMemory,
+    RandomWeightsModel,
+    flash_attention_on_meta,
+    write_real_model,
+)
 from diffusers.utils import logging as diffusers_logging
+from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 VARIANTS = ("bare", "cogtrain", "baseline")
@@ -93,11 +106,15 @@ after validation), as its documentation publishes it."""
 PEERS_SETUP = {"arch": "5b", "mode": "lora", "rank": 128, "frames": 49, "height": 480, "width": 720,
                "batch_size": 1, "gradient_checkpointing": True, "offload_checkpoints": False}
 """The setup PEERS_5B_GB was measured at: the absolute comparison is only printed for it."""
-DEFAULT_SHAPE = {"tiny": (49, 192, 288), "5b": (49, 480, 720)}  # tiny: 0.2 s steps, fixed costs not magnified
+DEFAULT_SHAPE = {"tiny": (49, 192, 288)}  # tiny: 0.2 s steps, fixed costs not magnified
+DEFAULT_SHAPE.update({slug: (get_variant(slug).native_frames, get_variant(slug).native_height,
+                             get_variant(slug).native_width) for slug in REAL_CONFIGS})  # each release's own
 """(frames, height, width) in pixels when not given."""
 PROMPT = "a red circle moving left to right over a blue background"
 """The caption of every clip, and the prompt the baseline encodes each step."""
 GB = 2**30
+IMAGE_VARIANTS = 2
+"""Noise-augmented image latents per I2V sample in the random store (cogprep's --image-noise-variants)."""
 MODEL, STORE = "model", "store"
 """Folders of the work folder that the parent writes and every variant's process reads."""
 
@@ -118,7 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         if args.dry_run:
-            print(json.dumps(dry_run(args, work), indent=2))
+            counts = dry_run(args, work)
+            text = json.dumps(counts, indent=2)
+            print(text)
+            if args.json:
+                args.json.write_text(text + "\n")
             return
         results = run_rounds(args, argv, work)
     finally:
@@ -133,26 +154,41 @@ def main(argv: list[str] | None = None) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("tiny", "5b"), default="tiny",
-                        help="tiny: the tiny CogVideoX-5b of shared.zoo; 5b: the real size, random weights")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--mode", choices=("lora", "sft"), default="lora")
+    parser.add_argument("--arch", choices=("tiny", *REAL_CONFIGS), default="tiny",
+                        help="tiny: the tiny CogVideoX-5b of shared.zoo; 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v: that "
+                             "release at its real size, random weights")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the step runs")
+    parser.add_argument("--mode", choices=("lora", "sft"), default="lora", help="LoRA or full fine-tune (sft)")
     parser.add_argument("--rank", type=int, default=128, help="LoRA rank (default 128)")
-    parser.add_argument("--frames", type=int, help="pixel frames, 8N+1 (default 49)")
-    parser.add_argument("--height", type=int, help="pixel height, a multiple of 16 (default: tiny 192, 5b 480)")
-    parser.add_argument("--width", type=int, help="pixel width, a multiple of 16 (default: tiny 288, 5b 720)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
+                        help="cogtrain's --optimizer (adamw8bit: bitsandbytes; on the meta device its state is "
+                             "counted as bitsandbytes lays it out)")
+    parser.add_argument("--base-weights", choices=("bf16", "fp8"), default="bf16",
+                        help="cogtrain's --base-weights, LoRA only: fp8 keeps the frozen weights in float8 e4m3")
+    parser.add_argument("--compile", action="store_true",
+                        help="cogtrain's --compile: torch.compile each transformer block (every variant)")
+    parser.add_argument("--frames", type=int, help="pixel frames, 8N+1 (default: the release's, tiny 49)")
+    parser.add_argument("--height", type=int,
+                        help="pixel height, a multiple of 16 (default: the release's, 480 or 768; tiny 192)")
+    parser.add_argument("--width", type=int,
+                        help="pixel width, a multiple of 16 (default: the release's, 720 or 1360; tiny 288)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated variants to run, of {', '.join(VARIANTS)} (default all; the ratios "
+                             f"and their verdicts need bare and cogtrain)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per variant and round (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps before them (default 3)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="times each variant runs, interleaved, each in a fresh process (default 2)")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute each block in the backward pass (default on)")
     parser.add_argument("--offload-checkpoints", action="store_true",
                         help="cogtrain's --offload-checkpoints, in every variant: checkpointed block inputs in host "
                              "memory")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="bf16",
+                        help="autocast dtype, and the frozen weights' for LoRA (default bf16)")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="cogtrain's caption dropout (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, data and LoRA (default 0)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads with --device cpu (default 1: steadier timings on a shared machine)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=2**20,
@@ -173,6 +209,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"{args.frames}x{args.height}x{args.width}: frames must be 8N+1, height and width multiples of 16")
     if min(args.steps, args.rounds, args.batch_size, args.rank, args.threads) < 1 or args.warmup < 0:
         parser.error("--steps, --rounds, --batch-size, --rank and --threads must be at least 1, --warmup at least 0")
+    args.variants = tuple(v for v in args.variants.split(",") if v)
+    if not args.variants or set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants {','.join(args.variants)}: name some of {', '.join(VARIANTS)}")
+    if args.base_weights == "fp8" and args.mode != "lora":
+        parser.error("--base-weights fp8: LoRA only")
     return args
 
 
@@ -234,20 +275,31 @@ def write_random_store(args: argparse.Namespace, model: Path, store: Path) -> No
     bucket = f"{args.frames}x{args.height}x{args.width}"
     generator = torch.Generator().manual_seed(args.seed)
     videos, texts = S.ShardWriter(store, bucket, prefix="bench"), S.ShardWriter(store, S.TEXT_BUCKET, prefix="bench")
+    image_to_video = opened.variant.task == "i2v"
     rows = []
     for i in range(samples_in_store(args)):
         shape = (channels, *latent_shape(args))
         latent = {name: torch.randn(shape, generator=generator).bfloat16() for name in (S.MEAN, S.LOGVAR)}
         embedding = torch.randn(text, generator=generator).bfloat16()
         video_key, text_key = f"{i:016x}{0:016x}", f"{i:016x}{1:016x}"
-        video = videos.add(video_key, {S.LATENT: S.tensors_to_bytes(latent), S.META: b"{}"})
+        members = {S.LATENT: S.tensors_to_bytes(latent), S.META: b"{}"}
+        if image_to_video:  # the first-frame latent as cogprep caches it: clean, and IMAGE_VARIANTS noisy encodings
+            image_shape = (channels, 1, *latent_shape(args)[1:])
+            members[S.IMAGE] = S.tensors_to_bytes({
+                S.CLEAN: torch.randn(image_shape, generator=generator).bfloat16(),
+                S.NOISY: torch.randn((IMAGE_VARIANTS, *image_shape), generator=generator).bfloat16(),
+                S.SIGMA: torch.full((IMAGE_VARIANTS,), 0.05),
+            })
+        video = videos.add(video_key, members)
         caption = texts.add(text_key, {S.TEXT: S.tensors_to_bytes({S.EMBEDDING: embedding}), S.META: b"{}"})
         rows.append({
             "key": f"{i:032x}", "source": f"random/{i}", "kind": "video", "bucket": bucket, "frames": args.frames,
             "height": args.height, "width": args.width, "caption": PROMPT, "clip_start": 0, "clip_step": 1.0,
             "source_size": 0, "source_mtime_ns": 0, "source_hash": "random", "video_key": video_key,
             "text_key": text_key, "shard": video[S.LATENT].shard, "latent_offset": video[S.LATENT].offset,
-            "latent_size": video[S.LATENT].size, "image_offset": -1, "image_size": 0,
+            "latent_size": video[S.LATENT].size,
+            "image_offset": video[S.IMAGE].offset if image_to_video else -1,
+            "image_size": video[S.IMAGE].size if image_to_video else 0,
             "text_shard": caption[S.TEXT].shard, "text_offset": caption[S.TEXT].offset,
             "text_size": caption[S.TEXT].size, "text_tokens": text[0],
         })
@@ -258,7 +310,7 @@ def write_random_store(args: argparse.Namespace, model: Path, store: Path) -> No
     S.Manifest(
         model={"source": str(model), "variant": opened.variant.name,
                "configs": opened.config_fingerprint(("vae", "text_encoder"))},
-        settings={"noise_variants": 0},
+        settings={"noise_variants": IMAGE_VARIANTS if image_to_video else 0},
         dataset={},  # no dataset path: cogtrain has nothing to check for staleness
         buckets=[{"name": bucket, "frames": args.frames, "height": args.height, "width": args.width,
                   "batch_size": args.batch_size, "samples": len(rows)}],
@@ -266,10 +318,10 @@ def write_random_store(args: argparse.Namespace, model: Path, store: Path) -> No
 
 
 def make_model_folder(args: argparse.Namespace, work: Path) -> Path:
-    """work/model: the tiny CogVideoX-5b with its weights, or CogVideoX-5b's configs."""
+    """work/model: the tiny CogVideoX-5b with its weights, or the release's configs (--arch)."""
     if args.arch == "tiny":
         return make_tiny_model("5b", work / MODEL, seed=args.seed)
-    return write_5b_model(work / MODEL)
+    return write_real_model(work / MODEL, args.arch)
 
 
 def train_config(args: argparse.Namespace, model: Path, store: Path, out: Path) -> TrainConfig:
@@ -278,7 +330,8 @@ def train_config(args: argparse.Namespace, model: Path, store: Path, out: Path) 
         store=store, model=str(model), out=out, mode=args.mode, rank=args.rank, batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, offload_checkpoints=args.offload_checkpoints,
-        caption_dropout=args.caption_dropout, seed=args.seed,
+        caption_dropout=args.caption_dropout, seed=args.seed, optimizer=args.optimizer,
+        base_weights=args.base_weights, compile=args.compile,
         report_to="none", progress=False, device=args.device,
     )
 
@@ -292,9 +345,9 @@ def run_rounds(args: argparse.Namespace, argv: list[str], work: Path) -> dict[st
     model = make_model_folder(args, work)
     write_store = encode_tiny_store if args.arch == "tiny" else write_random_store
     write_store(args, model, work / STORE)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.variants}
     for round_number in range(args.rounds):
-        for name in VARIANTS:
+        for name in args.variants:
             result = run_variant(args, argv, name, work, round_number)
             runs[name].append(result)
             done = f"{statistics.median(result['step_s']):.4f} s/step" if "step_s" in result else result["skipped"]
@@ -342,6 +395,8 @@ def run_child(args: argparse.Namespace) -> None:
             close()
     except torch.OutOfMemoryError as e:
         result = {"skipped": f"out of memory: {str(e).splitlines()[0]}"}
+    except NotImplementedError as e:
+        result = {"skipped": str(e)}
     else:
         result = {"step_s": times, "cpu_s": cpu_times, "final_loss": loss,
                   "memory": peak_memory(device, host_start)}
@@ -405,6 +460,8 @@ def transformer_and_optimizer(config: TrainConfig, model: Model, device: torch.d
     its forward autocast as accelerate's mixed precision does it, and cogtrain's optimizer over it."""
     set_seed(config.seed)
     transformer = build_transformer(config, model).to(device)
+    if config.compile:  # as cogtrain's prepare compiles
+        compile_blocks(transformer)
     if config.mixed_precision != "no":
         transformer.forward = torch.autocast(device.type, dtype=WEIGHT_DTYPES[config.mixed_precision])(
             transformer.forward)
@@ -423,9 +480,13 @@ def setup_bare(args: argparse.Namespace, config: TrainConfig, device: torch.devi
     transformer, _, optimizer = transformer_and_optimizer(config, model, device)
     frames, height, width = latent_shape(args)
     tc = transformer.config
+    frames = padded_frame_count(frames, tc.get("patch_size_t"))  # 1.5 pads to whole temporal patches
     generator = torch.Generator().manual_seed(config.seed)
     latents = (args.batch_size, frames, tc.out_channels, height, width)
-    hidden = torch.randn(latents, generator=generator).to(device, embed_dtype(config))
+    # I2V takes the image latent concatenated on the channels: in_channels is twice out_channels
+    hidden = torch.randn((*latents[:2], tc.in_channels, height, width), generator=generator)
+    hidden = hidden.to(device, embed_dtype(config))
+    ofs = ofs_tensor(tc, args.batch_size, device, embed_dtype(config))
     text = torch.randn((args.batch_size, tc.max_text_seq_length, tc.text_embed_dim), generator=generator)
     text = text.to(device, embed_dtype(config))
     target = torch.randn(latents, generator=generator).to(device)
@@ -435,7 +496,7 @@ def setup_bare(args: argparse.Namespace, config: TrainConfig, device: torch.devi
 
     def step(_: int) -> torch.Tensor:
         prediction = transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=timesteps,
-                                 image_rotary_emb=rotary, return_dict=False)[0]
+                                 ofs=ofs, image_rotary_emb=rotary, return_dict=False)[0]
         loss = F.mse_loss(prediction.float(), target)
         loss.backward()
         optimizer.step()
@@ -472,8 +533,11 @@ def setup_baseline(args: argparse.Namespace, config: TrainConfig, device: torch.
     run it) and T5 on its prompt, then the training step (the same math as cogtrain's,
     `training_step`), clipping and the optimizer step.
 
-    The VAE and T5 run as cogprep runs them: bfloat16 on CUDA, float32 on the CPU.
+    The VAE and T5 run as cogprep runs them: bfloat16 on CUDA, float32 on the CPU. Text-to-video only: an
+    image-to-video baseline would also encode the first frame, which this does not model.
     """
+    if get_variant(args.arch if args.arch != "tiny" else "5b").task == "i2v":
+        raise NotImplementedError("the baseline is text-to-video only")
     model = bench_model(args, args.work / MODEL, str(device))
     transformer, trained, optimizer = transformer_and_optimizer(config, model, device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -524,38 +588,73 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     folder = make_model_folder(args, work)
     model = bench_model(args, folder, "meta")
     config = train_config(args, folder, work / STORE, work / "run")
+    # --base-weights fp8 runs here as on CUDA: diffusers' layerwise casting stores the frozen layers in float8 on
+    # the meta device too (1 byte an element), and the upcast copy of each layer is counted while its forward runs
     transformer = build_transformer(config, model)
     vae, text_encoder = model.load_vae(torch.bfloat16), model.load_text_encoder(torch.bfloat16)
     trained = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, trained)
+    # bitsandbytes' kernels need CUDA: its 8-bit state is made as bitsandbytes makes it, and counted
+    optimizer = MetaAdamW8bit(trained) if config.optimizer == "adamw8bit" else make_optimizer(config, trained)
     frames, height, width = latent_shape(args)
     tc = transformer.config
+    image_to_video = model.variant.task == "i2v"
     latents = (args.batch_size, tc.out_channels, frames, height, width)
     text = (args.batch_size, tc.max_text_seq_length, tc.text_embed_dim)
+    vae_config = model.config("vae")
+
+    def meta_batch() -> TrainBatch:
+        return TrainBatch(latent_mean=torch.empty(latents, device="meta", dtype=torch.bfloat16),
+                          latent_logvar=torch.empty(latents, device="meta", dtype=torch.bfloat16),
+                          prompt_embeds=torch.empty(text, device="meta", dtype=embed_dtype(config)),
+                          image_latents=torch.empty((*latents[:2], 1, *latents[3:]), device="meta",
+                                                    dtype=torch.bfloat16) if image_to_video else None)
+
+    def forward(batch: TrainBatch) -> torch.Tensor:
+        return training_step(transformer, model.load_scheduler(), batch,
+                             vae_scaling_factor=vae_config["scaling_factor"],
+                             invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)))
+
     memory = MetaMemory([*transformer.parameters(), *transformer.buffers()])
     with memory, flash_attention_on_meta():
         for _ in range(2):  # the second step holds the optimizer state the first one made
-            batch = TrainBatch(latent_mean=torch.empty(latents, device="meta", dtype=torch.bfloat16),
-                               latent_logvar=torch.empty(latents, device="meta", dtype=torch.bfloat16),
-                               prompt_embeds=torch.empty(text, device="meta", dtype=embed_dtype(config)))
+            batch = meta_batch()
             before_forward = memory.live
-            loss = training_step(transformer, model.load_scheduler(), batch,
-                                 vae_scaling_factor=model.config("vae")["scaling_factor"], invert_scale_latents=False)
+            loss = forward(batch)
             kept_for_backward = memory.live - before_forward
             loss.backward()
             with_grad = sum(p.numel() for p in trained if p.grad is not None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del batch, loss
+    optimizer_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                          for t in state.values() if isinstance(t, torch.Tensor))
+    # the model FLOPs of one step: forward and backward without checkpointing's recompute (what the step needs,
+    # not what checkpointing makes the device do), matmuls and attention as torch's FlopCounterMode counts them
+    if config.gradient_checkpointing:
+        transformer.disable_gradient_checkpointing()
+    flops = FlopCounterMode(display=False)
+    with flops, flash_attention_on_meta():
+        forward(meta_batch()).backward()
     trained_bytes = sum(p.numel() * p.element_size() for p in trained)
     weights_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    patch_t = tc.get("patch_size_t") or 1
     return {
         "arch": args.arch,
         "variant": model.variant.name,
+        "mode": args.mode,
+        "optimizer": args.optimizer,
+        "base_weights": args.base_weights,
+        "compile": args.compile,
         "shape": f"{args.frames}x{args.height}x{args.width}",
+        "batch_size": args.batch_size,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "offload_checkpoints": args.offload_checkpoints,
         "latents": list(latents),
-        "tokens": frames * (height // tc.patch_size) * (width // tc.patch_size) + tc.max_text_seq_length,
+        "tokens": padded_frame_count(frames, tc.get("patch_size_t")) // patch_t
+        * (height // tc.patch_size) * (width // tc.patch_size) + tc.max_text_seq_length,
+        "model_flops_per_step": flops.get_total_flops(),
+        "weights_bytes": weights_bytes,  # exact, for the tiny model whose GB figures round to 0
+        "optimizer_state_bytes": optimizer_bytes,
         "transformer_parameters": sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n),
         "trained_parameters": sum(p.numel() for p in trained),
         "parameters_with_grad_after_backward": with_grad,
@@ -564,14 +663,16 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "static_memory_gb": {
             "weights_frozen_and_trained": round(weights_bytes / GB, 3),
             "gradients": round(trained_bytes / GB, 3),
-            "adamw_states": round(2 * trained_bytes / GB, 3),
-            "total_before_activations": round((weights_bytes + 3 * trained_bytes) / GB, 3),
+            "optimizer_states": round(optimizer_bytes / GB, 3),
+            "total_before_activations": round((weights_bytes + trained_bytes + optimizer_bytes) / GB, 3),
         },
         "meta_device_memory_gb": {
             "kept_by_the_forward_for_the_backward": round(kept_for_backward / GB, 3),
             "peak": round(memory.peak / GB, 3),
             "what_it_is": "every tensor the step's ops make, counted on the meta device with flash attention; "
-                          "not counted: autocast's float32 norm outputs (the weights' dtype here), the CUDA "
+                          "not counted: autocast (there is none on the meta device: its float32 norm outputs are "
+                          "in the weights' dtype here, and a full fine-tune's activations are float32 where "
+                          "autocast would make most bfloat16, and its bfloat16 weight copies are absent), the CUDA "
                           "allocator's rounding and caching (reserved is higher), the CUDA context",
         },
     }
@@ -609,13 +710,13 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
             variants[name]["data_wait_max_s"] = max(waits)
         if len(measured) < len(results):
             variants[name]["rounds_failed"] = [r["skipped"] for r in results if "skipped" in r]
-    bare = variants["bare"]
+    bare = variants.get("bare", {"skipped": "not run (--variants)"})
     for name, v in variants.items():
         if "skipped" not in v and "skipped" not in bare:
             v["time_ratio"] = v["median_s"] / bare["median_s"]
             v["cpu_time_ratio"] = v["median_cpu_s"] / bare["median_cpu_s"]
             v["memory_ratio"] = v["peak_memory_bytes"][memory_key] / bare["peak_memory_bytes"][memory_key]
-    cogtrain = variants["cogtrain"]
+    cogtrain = variants.get("cogtrain", {"skipped": "not run (--variants)"})
     verdicts = {}
     if "time_ratio" in cogtrain:
         verdicts["time"] = cogtrain["time_ratio"] <= TARGET_TIME
@@ -624,10 +725,11 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
         verdicts["under_18_gb"] = cogtrain["peak_memory_bytes"]["cuda_max_reserved"] / GB < TARGET_5B_GB
     return {
         "settings": {
-            **{key: getattr(args, key) for key in ("arch", "device", "mode", "rank", "frames", "height", "width",
-                                                   "batch_size", "gradient_checkpointing", "offload_checkpoints",
+            **{key: getattr(args, key) for key in ("arch", "device", "mode", "rank", "optimizer", "base_weights",
+                                                   "compile", "frames", "height", "width", "batch_size",
+                                                   "gradient_checkpointing", "offload_checkpoints",
                                                    "mixed_precision", "caption_dropout", "seed", "steps", "warmup",
-                                                   "rounds")},
+                                                   "rounds", "variants")},
             "latents": list(latent_shape(args)),
             "threads": args.threads if args.device == "cpu" else None,
             "malloc_mmap_threshold": args.malloc_mmap_threshold if args.device == "cpu" else None,
@@ -652,8 +754,11 @@ def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], s
 
 def print_table(results: dict[str, Any]) -> None:
     s, key = results["settings"], results["memory_measure"]
-    model = "tiny CogVideoX-5b (shared.zoo)" if s["arch"] == "tiny" else "CogVideoX-5b (random weights)"
-    adapter = f"LoRA r{s['rank']}" if s["mode"] == "lora" else "full fine-tune"
+    model = ("tiny CogVideoX-5b (shared.zoo)" if s["arch"] == "tiny"
+             else f"{get_variant(s['arch']).name} (random weights)")
+    adapter = (f"LoRA r{s['rank']}, {s['base_weights']} base weights" if s["mode"] == "lora"
+               else f"full fine-tune, {s['optimizer']}")
+    adapter += ", compiled blocks" if s["compile"] else ""
     threads = f" ({s['threads']} torch thread{'s' if s['threads'] > 1 else ''})" if s["threads"] else ""
     print(f"cogtrain step benchmark: {model}, {adapter}, {s['frames']}x{s['height']}x{s['width']} "
           f"(latents {'x'.join(map(str, s['latents']))}), batch {s['batch_size']}, {s['mixed_precision']}, "
@@ -673,7 +778,7 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{name:<9} {v['median_s']:>9.4f} {v['mean_s']:>8.4f} {v['min_s']:>8.4f} {time_ratio:>7.3f} "
               f"{v['median_cpu_s']:>8.4f} {cpu_ratio:>7.3f} {human(v['peak_memory_bytes'][key]):>21} "
               f"{memory_ratio:>7.3f}")
-    verdicts, cogtrain = results["pass"], results["variants"]["cogtrain"]
+    verdicts, cogtrain = results["pass"], results["variants"].get("cogtrain", {})
     if "time" in verdicts:
         print(f"cogtrain vs bare: median step time {cogtrain['time_ratio']:.3f}x (target <= {TARGET_TIME}): "
               f"{'PASS' if verdicts['time'] else 'FAIL'}; peak memory {cogtrain['memory_ratio']:.3f}x "

@@ -1,5 +1,6 @@
-"""CogVideoX-5b at its published size with nothing to download, for `bench_train.py`: its configs, random
-weights drawn directly on the device, and a step's memory counted on the meta device.
+"""CogVideoX (2b, 5b, 5b-I2V, 1.5-5B, 1.5-5B-I2V) at its published size with nothing to download, for
+`bench_train.py`: the configs, random weights drawn directly on the device, and a step's memory counted on the
+meta device.
 """
 
 from __future__ import annotations
@@ -32,6 +33,35 @@ VAE_5B = dict(
     block_out_channels=(128, 256, 256, 512), latent_channels=16, layers_per_block=3, norm_num_groups=32,
     temporal_compression_ratio=4, sample_height=480, sample_width=720, scaling_factor=0.7,
 )
+
+# The other releases' transformer/config.json and vae/config.json (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b-I2V,
+# THUDM/CogVideoX1.5-5B, THUDM/CogVideoX1.5-5B-I2V on the Hugging Face hub, as diffusers'
+# scripts/convert_cogvideox_to_diffusers.py writes them), as differences from 5b's:
+# - 2b: 30 heads of 64 (1920 wide), 30 layers, the fixed 3D sin-cos table instead of rotary embeddings; its VAE
+#   scales latents by 1.15258426;
+# - 5b-I2V: the image latent concatenated on the channels (in_channels 32), and a learned positional table beside
+#   the rotary embeddings (use_learned_positional_embeddings), sized for 49x480x720 only;
+# - 1.5-5B: 2-frame temporal patches (patch_size_t 2) without a patch bias, and a RoPE grid of 300x300 latents
+#   (sample_height/width: the grid's maximum, not a training size), 81 frames; its VAE's I2V latent is divided
+#   by the scaling factor (invert_scale_latents);
+# - 1.5-5B-I2V: as 1.5-5B with in_channels 32 and the ofs embedding (ofs_embed_dim 512, the time embedding's width).
+# The parameter counts these give (5.57 B for 5b, 1.69 B for 2b) match the releases' safetensors files.
+TRANSFORMER_2B = {**TRANSFORMER_5B, "num_attention_heads": 30, "num_layers": 30,
+                  "use_rotary_positional_embeddings": False}
+TRANSFORMER_5B_I2V = {**TRANSFORMER_5B, "in_channels": 32, "use_learned_positional_embeddings": True}
+TRANSFORMER_15_5B = {**TRANSFORMER_5B, "patch_size_t": 2, "patch_bias": False, "sample_frames": 81,
+                     "sample_height": 300, "sample_width": 300}
+TRANSFORMER_15_5B_I2V = {**TRANSFORMER_15_5B, "in_channels": 32, "ofs_embed_dim": 512}
+VAE_2B = {**VAE_5B, "scaling_factor": 1.15258426}
+VAE_15 = {**VAE_5B, "invert_scale_latents": True}
+REAL_CONFIGS = {
+    "2b": (TRANSFORMER_2B, VAE_2B),
+    "5b": (TRANSFORMER_5B, VAE_5B),
+    "5b-i2v": (TRANSFORMER_5B_I2V, VAE_5B),
+    "1.5-5b": (TRANSFORMER_15_5B, VAE_15),
+    "1.5-5b-i2v": (TRANSFORMER_15_5B_I2V, VAE_15),
+}
+"""(transformer, VAE) configs by variant slug (shared.variants); T5-XXL is the same for all five."""
 T5_XXL = dict(
     vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
@@ -84,16 +114,18 @@ def materialize(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: 
     return module
 
 
-def write_5b_model(folder: Path) -> Path:
-    """CogVideoX-5b as a diffusers folder of configs only (no weights): what check_run and the loaders read.
+def write_real_model(folder: Path, slug: str = "5b") -> Path:
+    """The release `slug` (a key of REAL_CONFIGS) as a diffusers folder of configs only (no weights): what
+    check_run and the loaders read.
 
     The tokenizer is the tiny one (offline): the baseline's T5 still runs on the 226 padded tokens the real
     one gives, so its cost is the same.
     """
-    v = get_variant("5b")
+    v = get_variant(slug)
+    transformer_config, vae_config = REAL_CONFIGS[slug]
     with torch.device("meta"):
-        CogVideoXTransformer3DModel.from_config(TRANSFORMER_5B).save_config(folder / "transformer")
-        AutoencoderKLCogVideoX.from_config(VAE_5B).save_config(folder / "vae")
+        CogVideoXTransformer3DModel.from_config(transformer_config).save_config(folder / "transformer")
+        AutoencoderKLCogVideoX.from_config(vae_config).save_config(folder / "vae")
     T5Config(**T5_XXL).save_pretrained(folder / "text_encoder")
     tiny_tokenizer().save_pretrained(folder / "tokenizer")
     CogVideoXDDIMScheduler(**scheduler_config(v)).save_pretrained(folder / "scheduler")
@@ -160,3 +192,36 @@ def flash_attention_on_meta():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+class MetaAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes' AdamW8bit as far as memory goes, for counting on the meta device, where its CUDA kernels
+    cannot run: the state it makes at the first step, and no update (nothing to compute on the meta device).
+
+    The layout is bitsandbytes' `Optimizer2State.init_state` with its defaults: a tensor of 4,096 elements or more
+    (`min_8bit_size`) gets its two moments as uint8 (1 byte an element each) plus a float32 absmax per block of
+    256 elements for each (blockwise quantization), so about 2.03 bytes a parameter; a smaller one keeps float32
+    moments (8 bytes an element). Its update is one fused kernel in place: no temporaries to count.
+    """
+
+    MIN_8BIT_SIZE = 4096
+    BLOCK = 256
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or self.state[p]:
+                    continue
+                state = self.state[p]
+                if p.numel() < self.MIN_8BIT_SIZE:
+                    state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                    continue
+                blocks = -(-p.numel() // self.BLOCK)
+                for moment in ("1", "2"):
+                    state["state" + moment] = torch.zeros_like(p, dtype=torch.uint8)
+                    state["absmax" + moment] = torch.zeros(blocks, dtype=torch.float32, device=p.device)

@@ -4,6 +4,7 @@ against a target here: timings belong to the benchmarks, not to the suite)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,48 @@ def test_bench_train_builds_the_real_5b_on_the_meta_device(tmp_path):
                             for m in (counts, offloaded))
     assert saved - 0.01 < kept - offloaded_kept < saved + 0.01
     assert memory["peak"] - offloaded["meta_device_memory_gb"]["peak"] > saved * 0.8
+
+
+@pytest.mark.slow
+def test_bench_train_counts_i2v_fp8_and_8bit_adamw_on_the_meta_device(tmp_path):
+    # the tiny model through the new modes: quick, and the same code as the real sizes
+    tiny = ("--arch", "tiny", "--frames", "9", "--height", "32", "--width", "48", "--rank", "4", "--dry-run")
+    plain, fp8 = tmp_path / "plain.json", tmp_path / "fp8.json"
+    _run("bench_train.py", *tiny, "--json", str(plain))
+    _run("bench_train.py", *tiny, "--base-weights", "fp8", "--offload-checkpoints", "--json", str(fp8))
+    plain, fp8 = json.loads(plain.read_text()), json.loads(fp8.read_text())  # --json writes in the dry run too
+    assert fp8["base_weights"] == "fp8" and fp8["offload_checkpoints"]
+    # the frozen weights the casting stores in float8 count 1 byte an element instead of 2
+    assert fp8["weights_bytes"] < plain["weights_bytes"]
+    assert plain["model_flops_per_step"] == fp8["model_flops_per_step"] > 0
+    sft = json.loads(_run("bench_train.py", *tiny, "--mode", "sft", "--optimizer", "adamw8bit").stdout)
+    # bitsandbytes' state made on the meta device (its kernels need CUDA) for every trained weight
+    assert sft["optimizer"] == "adamw8bit" and sft["trained_parameters"] == sft["parameters_with_grad_after_backward"]
+    # at most float32 moments (8 bytes a parameter, twice the float32 weights): the tiny model's tensors are mostly
+    # under bitsandbytes' 4,096 elements, which keep float32 state; the real ones get the uint8 moments (README)
+    assert 0 < sft["optimizer_state_bytes"] <= 2 * sft["weights_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_train_builds_every_release_on_the_meta_device():
+    # the releases' configs build and take their native shape's step; 1.5-I2V pads 21 latent frames to 22
+    counts = json.loads(_run("bench_train.py", "--arch", "1.5-5b-i2v", "--dry-run", "--frames", "17", "--height",
+                             "96", "--width", "160").stdout)
+    assert counts["variant"] == "CogVideoX1.5-5B-I2V" and 5.5e9 < counts["transformer_parameters"] < 5.6e9
+    assert counts["tokens"] == 3 * 6 * 10 + 226  # (5 latent frames padded to 6) / 2 x 12/2 x 20/2, plus the text
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_on_the_cpu(tmp_path):
+    done = subprocess.run([str(SCRIPTS / "gpu_check.sh"), "--device", "cpu", "--arch", "tiny", "--limit", "2",
+                           "--warmup", "1", "--steps", "1", "--skip-tests", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "median s/step" in done.stdout and "FSDP 1 process" in done.stdout  # the table and the checks
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [row["config"] for row in summary["rows"]] == ["tiny LoRA r8 9x32x48 fp8+offload", "tiny LoRA r8 9x32x48 plain"]
+    for row in summary["rows"]:
+        assert row["median_s"] > 0 and row["model_flops_per_step"] > 0, row
 
 
 @pytest.mark.slow
