@@ -15,7 +15,7 @@ from ..shared.buckets import (
     check_buckets_for_model,
     load_bucket_spec,
 )
-from ..shared.cli import make_app, quiet_hub_progress_bars
+from ..shared.cli import make_app, quiet_hub_progress_bars, wide_console
 from ..shared.config import config_option
 from ..shared.disk import human_bytes
 from ..shared.errors import CogtuneError, exit_on_user_error
@@ -29,7 +29,7 @@ from .encode import (
     run_encode,
 )
 from .frames import FrameSampling
-from .plan import CACHE_DIR, IMAGE_FOR_I2V, EncodeSettings, plan_against_store
+from .plan import CACHE_DIR, EncodeSettings, plan_against_store, skip_kind
 
 app = make_app(
     "cogprep",
@@ -136,10 +136,9 @@ def encode(
 
 
 def _print_summary(store: Path, result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = wide_console()
     rows = S.read_index(store)
     table = Table(title=f"cogprep: {store}")
     table.add_column("bucket")
@@ -149,22 +148,15 @@ def _print_summary(store: Path, result) -> None:
     table.add_row("[b]total[/b]", f"[b]{len(rows)}[/b]")
     console.print(table)
     changes = {k: len(v) for k, v in result.plan.changes.items()}
+    # soft_wrap: a summary line stays one line, in a terminal and in a log file alike
     console.print(f"encoded {result.encoded_videos} clips and {result.encoded_texts} captions "
                   f"(sources new {changes['new']}, changed {changes['changed']}, removed {changes['removed']}, "
                   f"unchanged {changes['unchanged']}); {human_bytes(S.disk_bytes(store))} on disk; "
-                  f"{result.seconds:.1f} s")
+                  f"{result.seconds:.1f} s", soft_wrap=True)
     if result.skipped:
-        reasons = Counter(_reason_kind(b.reason) for b in result.skipped)
-        console.print(f"skipped {len(result.skipped)}: " + ", ".join(f"{k} {n}" for k, n in reasons.most_common())
-                      + f" (details in {Path(store) / S.REPORT})")
-
-
-def _reason_kind(reason: str) -> str:
-    text = reason.lower()
-    for kind in (IMAGE_FOR_I2V, "missing", "empty", "usable frames", "decode", "caption", "zero", "not a"):
-        if kind in text:
-            return kind
-    return "other"
+        kinds = Counter(skip_kind(b.reason) for b in result.skipped)
+        console.print(f"skipped {len(result.skipped)}: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
+                      + f" (details in {Path(store) / S.REPORT})", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command()
@@ -267,11 +259,9 @@ def inspect_store(
     max_samples: int = typer.Option(16, help="Samples on the preview."),
 ) -> None:
     """Print what STORE holds: buckets, sample kinds, bytes on disk, model, encode settings, dataset, last report."""
-    from rich.console import Console
-
     manifest = S.Manifest.load(store)
     rows = S.read_index(store)
-    console = Console()
+    console = wide_console()
     for table in _inspect_tables(store, manifest, rows):
         console.print(table)
     if preview is not None:

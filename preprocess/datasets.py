@@ -17,13 +17,18 @@ cannot be read as its layout at all, or ``txt`` lists of different lengths, rais
 from __future__ import annotations
 
 import csv
+import errno
+import functools
 import io
 import json
-from dataclasses import dataclass, replace
+import os
+import stat as _stat
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from ..shared.errors import CogtuneError
+from ..shared.fingerprint import Resolver
 from ..shared.video import is_image
 
 Layout = Literal["txt", "csv", "json"]
@@ -60,6 +65,9 @@ class DatasetItem:
     """Width declared by the dataset (JSON ``width``), so planning needs not open the file; None if not given."""
     height: int | None = None
     """Height declared by the dataset (JSON ``height``); None if not given."""
+    stat: os.stat_result | None = field(default=None, compare=False, repr=False)
+    """`path`'s stat when the dataset was read (planning trusts a content hash by its size and mtime without a
+    second stat); None where the item was made otherwise."""
 
 
 @dataclass(frozen=True)
@@ -158,16 +166,17 @@ def _read_txt(root: Path, prompts_name: str, videos_name: str) -> Dataset:
     captions, paths, images = lists[0], lists[1], (lists[2] if len(lists) == 3 else None)
     items: list[DatasetItem] = []
     bad: list[BadItem] = []
+    resolver = Resolver()
     for index, source in enumerate(paths):
         line = index + 1
         at = f"{videos_name} line {line}"
         image = None
         if images is not None:
-            image, problem = _resolve(root, images[index], "image path")
+            image, problem, _ = _resolve(root, images[index], "image path", resolver)
             if problem:
                 bad.append(BadItem(source, f"{IMAGES_FILE} line {line}: {problem}"))
                 continue
-        _add(items, bad, root, source, captions[index], None, image, line, at)
+        _add(items, bad, root, source, captions[index], None, image, line, at, resolver=resolver)
     return Dataset("txt", videos_file, items, bad)
 
 
@@ -181,13 +190,14 @@ def _read_csv(file: Path, caption_column: str | None, video_column: str | None) 
     video_at = _pick_column(file, header, video_column, VIDEO_HINTS, "video", exclude=caption_at)
     items: list[DatasetItem] = []
     bad: list[BadItem] = []
+    resolver = Resolver()
     for line, row in rows[1:]:
         at = f"{file.name} line {line}"
         if max(caption_at, video_at) >= len(row):
             source = row[video_at] if video_at < len(row) else at
             bad.append(BadItem(source, f"{at}: row has {len(row)} fields, the header has {len(header)}"))
             continue
-        _add(items, bad, file.parent, row[video_at], row[caption_at], None, None, line, at)
+        _add(items, bad, file.parent, row[video_at], row[caption_at], None, None, line, at, resolver=resolver)
     return Dataset("csv", file, items, bad)
 
 
@@ -242,6 +252,7 @@ def _read_json(file: Path) -> Dataset:
                 raise CogtuneError(f"{file} line {number}: not valid JSON ({e.msg})") from None
     items: list[DatasetItem] = []
     bad: list[BadItem] = []
+    resolver = Resolver()
     for number, at, entry in entries:
         problem = _json_entry_problem(entry)
         if problem:
@@ -249,7 +260,8 @@ def _read_json(file: Path) -> Dataset:
             bad.append(BadItem(source if isinstance(source, str) else at, f"{at}: {problem}"))
             continue
         size = (entry["width"], entry["height"]) if "width" in entry else None
-        _add(items, bad, file.parent, entry["file_path"], entry["text"], entry.get("type"), None, number, at, size)
+        _add(items, bad, file.parent, entry["file_path"], entry["text"], entry.get("type"), None, number, at, size,
+             resolver=resolver)
     return Dataset("json", file, items, bad)
 
 
@@ -281,40 +293,62 @@ def _add(
     line: int,
     at: str,
     size: tuple[int, int] | None = None,
+    resolver: Resolver | None = None,
 ) -> None:
     """Check one entry and append it to `items`, or its reason to `bad`."""
     source = source.strip()
     # Whitespace runs (a CSV caption spanning lines, double spaces) become one space: equal captions stay equal.
     caption = " ".join(caption.split())
-    path, problem = _resolve(root, source, "path")
+    path, problem, st = _resolve(root, source, "path", resolver)
     if problem is None:
         if _undecodable(caption):
             problem = "caption is not valid UTF-8"
         elif not caption:
             problem = "empty caption"
-    kind: Kind = "image" if is_image(source) else "video"
+    kind: Kind = "image" if _is_image(source) else "video"
     if problem is None and declared_kind is not None and declared_kind != kind:
         problem = f"type is {declared_kind!r} but {Path(source).name!r} is read as a {kind}"
     if problem is not None:
         bad.append(BadItem(source or at, f"{at}: {problem}"))
         return
     width, height = size or (None, None)
-    items.append(DatasetItem(source, path, caption, kind, image, line, width, height))
+    items.append(DatasetItem(source, path, caption, kind, image, line, width, height, st))
 
 
-def _resolve(root: Path, written: str, what: str) -> tuple[Path | None, str | None]:
-    """The file `written` names (relative to `root` unless absolute), or a reason it cannot be used."""
+def _is_image(source: str) -> bool:
+    """`is_image(source)`, looked up once per suffix (as pathlib takes the suffix of the last name)."""
+    name = source.rstrip("/").rpartition("/")[2]
+    if name in ("", ".", ".."):
+        return is_image(source)
+    dot = name.rfind(".")
+    return _is_image_suffix(name[dot:] if 0 < dot < len(name) - 1 else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _is_image_suffix(suffix: str) -> bool:
+    return is_image(f"x{suffix}")
+
+
+def _resolve(root: Path, written: str, what: str, resolver: Resolver | None = None
+             ) -> tuple[Path | None, str | None, os.stat_result | None]:
+    """(the real path of the file `written` names (relative to `root` unless absolute), None, its stat), or
+    (None, a reason it cannot be used, None). One lstat per file where its folder was seen (see `Resolver`)."""
     written = written.strip()
     if not written:
-        return None, f"empty {what}"
+        return None, f"empty {what}", None
     if _undecodable(written):
-        return None, f"{what} is not valid UTF-8"
-    path = (root / Path(written).expanduser()).resolve()
-    if not path.exists():
-        return None, f"{written} not found"
-    if not path.is_file():
-        return None, f"{written} is not a file"
-    return path, None
+        return None, f"{what} is not valid UTF-8", None
+    resolver = resolver or Resolver()
+    try:
+        named = os.path.expanduser(written) if written[0] == "~" else written
+        real, st = resolver.stat(named if named[0] == "/" else f"{os.fspath(root)}/{named}")
+    except OSError as e:  # what Path.exists takes for "no such file"; anything else raises, as it did
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            raise
+        return None, f"{written} not found", None
+    if not _stat.S_ISREG(st.st_mode):
+        return None, f"{written} is not a file", None
+    return resolver.as_path(real), None, st
 
 
 def read_text_file(file: Path) -> str:
@@ -367,4 +401,6 @@ def split_lines(text: str) -> list[str]:
 
 
 def _undecodable(text: str) -> bool:
+    if text.isascii():  # the common case, in C: no lone surrogate
+        return False
     return any("\udc80" <= ch <= "\udcff" for ch in text)

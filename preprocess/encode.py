@@ -40,6 +40,7 @@ from .plan import (
     Plan,
     VideoJob,
     plan_encode,
+    skip_kind,
     text_fingerprint,
 )
 
@@ -620,7 +621,7 @@ def _write_report(store: Path, result: EncodeResult) -> None:
         "samples": result.samples,
         "encoded": {"videos": result.encoded_videos, "texts": result.encoded_texts},
         "changes": {k: len(v) for k, v in result.plan.changes.items()},
-        "skipped": [{"source": b.source, "reason": b.reason} for b in result.skipped],
+        "skipped": [{"source": b.source, "reason": b.reason, "kind": skip_kind(b.reason)} for b in result.skipped],
         "seconds": round(result.seconds, 3),
     }
     S.atomic_write_text(store / S.REPORT, json.dumps(report, indent=2))

@@ -13,6 +13,7 @@ size) is remembered by content hash, so a no-op re-run opens no video. `cogprep 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.buckets import Bucket, BucketSpec, assign_bucket
 from ..shared.errors import CogtuneError
-from ..shared.fingerprint import FileHashes, hash_json
+from ..shared.fingerprint import FileHashes, hash_fragments, hash_json, json_fragment
 from ..shared.store import CACHE_DIR
 from ..shared.variants import get_variant
 from ..shared.video import read_video_info
@@ -34,6 +35,36 @@ INPUT_ERRORS = (CogtuneError, OSError)
 `CogtuneError`): such an item is skipped and reported. Any other exception is a bug in cogtune and propagates."""
 IMAGE_FOR_I2V = "image for image-to-video"
 """Why an image-to-video model skips image entries (the summary counts skipped items by this phrase)."""
+SKIP_KINDS = (
+    # (a phrase of the reasons cogtune words, the kind of bad item it means), most specific first: a reason
+    # starts with a path or a dataset line, which may hold any word, so every phrase is one cogtune writes
+    (IMAGE_FOR_I2V, IMAGE_FOR_I2V),
+    ("unsupported video codec", "unsupported video codec"),
+    ("no video stream", "no video stream"),
+    ("not a readable video", "corrupt or truncated video"),
+    ("cannot decode", "undecodable frames"),
+    ("not a readable image", "corrupt image"),
+    ("empty file (0 bytes)", "empty file"),
+    ("usable frames", "too few frames"),
+    ("video has no frames", "too few frames"),
+    ("frames, asked for frame", "too few frames"),
+    ("[Errno ", "unreadable file"),
+    ("caption is not valid UTF-8", "bad caption"),
+    ("empty caption", "bad caption"),
+    ("not found", "missing file"),
+    ("is not a file", "not a file"),
+    (": not a file", "not a file"),
+)
+"""How the cogprep summary and report.json name each kind of skipped item."""
+
+
+def skip_kind(reason: str) -> str:
+    """The kind of bad item a skip `reason` describes, in words ("corrupt or truncated video"); "dataset entry"
+    for the rest (a malformed JSON or CSV entry, an empty or undecodable path)."""
+    for phrase, kind in SKIP_KINDS:
+        if phrase in reason:
+            return kind
+    return "dataset entry"
 
 
 @dataclass(frozen=True)
@@ -71,6 +102,50 @@ class VideoJob:
     bucket: Bucket
 
 
+class KnownItems:
+    """The items the store holds: those the index points at (kept as columns), plus those in closed shards the
+    index does not know (a killed run's work), less those `cogprep verify` found damaged.
+
+    Planning needs only the keys (sets); the locations, what an encode's commit needs, are made into dicts on
+    first use, so `cogprep status` and cogtrain's start-up check never build a million of them."""
+
+    LOCATION_COLUMNS = ("video_key", "text_key", "text_tokens", *S.SAMPLE_COLUMNS)
+
+    def __init__(self, index: dict[str, list] | None, video_orphans: dict[str, dict[str, S.Location]],
+                 text_orphans: dict[str, tuple[S.Location, int]], damaged: set[str]):
+        self._index = index or {name: [] for name in self.LOCATION_COLUMNS}
+        self._video_orphans, self._text_orphans, self._damaged = video_orphans, text_orphans, damaged
+        self.video_keys = (set(self._index["video_key"]) | set(video_orphans)) - damaged
+        self.text_keys = (set(self._index["text_key"]) | set(text_orphans)) - damaged
+
+    @functools.cached_property
+    def video(self) -> dict[str, dict[str, S.Location]]:
+        out = {}
+        for row in self._rows():
+            out[row["video_key"]] = S.row_locations(row)[0]
+        for key, members in self._video_orphans.items():
+            out.setdefault(key, members)
+        for key in self._damaged:
+            out.pop(key, None)
+        return out
+
+    @functools.cached_property
+    def text(self) -> dict[str, tuple[S.Location, int]]:
+        out = {}
+        for row in self._rows():
+            out[row["text_key"]] = (S.row_locations(row)[1], row["text_tokens"])
+        for key, item in self._text_orphans.items():
+            out.setdefault(key, item)
+        for key in self._damaged:
+            out.pop(key, None)
+        return out
+
+    def _rows(self):
+        names = list(self._index)
+        for values in zip(*self._index.values()):
+            yield dict(zip(names, values))
+
+
 @dataclass
 class Plan:
     samples: list[dict[str, Any]]
@@ -79,10 +154,8 @@ class Plan:
     """Video items no shard holds yet, by key."""
     text_jobs: dict[str, str]
     """Text items no shard holds yet: key -> caption."""
-    video_locations: dict[str, dict[str, S.Location]]
-    """Known video items: key -> {member: Location}."""
-    text_locations: dict[str, tuple[S.Location, int]]
-    """Known text items: key -> (Location, token count)."""
+    known: KnownItems
+    """The items the store holds (see `video_locations`, `text_locations`)."""
     bad: list[BadItem]
     changes: dict[str, list[str]] = field(default_factory=dict)
     """Sources by what an encode does to them: new, changed, removed, unchanged."""
@@ -93,6 +166,16 @@ class Plan:
         """Write the file hash and probe caches into the store's cache folder."""
         for cache in self.caches:
             cache.save()
+
+    @property
+    def video_locations(self) -> dict[str, dict[str, S.Location]]:
+        """Known video items: key -> {member: Location} (made on first use)."""
+        return self.known.video
+
+    @property
+    def text_locations(self) -> dict[str, tuple[S.Location, int]]:
+        """Known text items: key -> (Location, token count) (made on first use)."""
+        return self.known.text
 
     @property
     def stale(self) -> bool:
@@ -173,8 +256,13 @@ def plan_encode(
     bad = list(dataset.bad)
     samples: list[dict[str, Any]] = []
     jobs: dict[str, VideoJob] = {}
-    item_settings = [settings.resize, asdict(settings.sampling), vae_fingerprint, settings.dtype,
-                     settings.image_noise_variants, settings.seed]
+    keys = _Keys(settings, vae_fingerprint, text_fingerprint)
+    if (Path(store) / S.INDEX).exists():
+        S.Manifest.load(store)  # refuses a store of another format version: its items are not reusable
+    # the index as columns (lists), never as a million row dicts
+    index = S.read_index_columns(store, ("key", "source", *KnownItems.LOCATION_COLUMNS))
+    damaged = set(S.read_damaged(store))  # found by cogprep verify: cached, but not reusable
+    known = _known_items(store, index, damaged)
     for item in dataset.items:
         if item.kind == "image" and task == "i2v":
             # An I2V sample is conditioned on its first frame: a 1-frame sample would be conditioned on itself
@@ -183,7 +271,7 @@ def plan_encode(
                                             f"itself (image-to-video trains on videos only)"))
             continue
         try:
-            planned = _plan_item(item, spec, settings, item_settings, text_fingerprint, hashes, probes)
+            planned = _plan_item(item, spec, settings, keys, hashes, probes, known.video_keys)
         except INPUT_ERRORS as e:  # one bad file never stops the run: it is reported and skipped
             bad.append(BadItem(item.source, _one_line(e, item.path)))
             continue
@@ -192,62 +280,77 @@ def plan_encode(
             continue
         for row, job in planned:
             samples.append(row)
-            jobs[job.key] = job
+            if job is not None:
+                jobs[job.key] = job
     _dedupe_keys(samples)
     if save_caches:
         hashes.save()
         probes.save()
 
-    if (Path(store) / S.INDEX).exists():
-        S.Manifest.load(store)  # refuses a store of another format version: its items are not reusable
-    old_rows = S.read_index(store)
-    video_locations, text_locations = _known_items(store, old_rows)
-    damaged = S.read_damaged(store)  # found by cogprep verify: cached, but not reusable
-    for key in damaged:
-        video_locations.pop(key, None)
-        text_locations.pop(key, None)
     plan = Plan(
         samples=samples,
-        video_jobs={k: j for k, j in jobs.items() if k not in video_locations},
-        text_jobs={r["text_key"]: r["caption"] for r in samples if r["text_key"] not in text_locations},
-        video_locations=video_locations,
-        text_locations=text_locations,
+        video_jobs=jobs,
+        text_jobs={r["text_key"]: r["caption"] for r in samples if r["text_key"] not in known.text_keys},
+        known=known,
         bad=bad,
         caches=[hashes, probes],
     )
-    plan.changes = _changes(old_rows, samples, set(damaged))
+    plan.changes = _changes(index, samples, damaged)
     return plan
 
 
-def _plan_item(item: DatasetItem, spec, settings, item_settings, text_fingerprint, hashes, probes):
-    digest = hashes.hash(item.path)
+class _Keys:
+    """The content keys of `plan_encode`, exactly `hash_json` of the lists below, with the parts every item
+    shares encoded once (`json_fragment`): the same keys as ever, a store encoded before is current after."""
+
+    def __init__(self, settings: EncodeSettings, vae_fingerprint: str, text_fingerprint: str):
+        item_settings = [settings.resize, asdict(settings.sampling), vae_fingerprint, settings.dtype,
+                         settings.image_noise_variants, settings.seed]
+        self._video_tail = ",".join(map(json_fragment, item_settings))
+        self._text_tail = ",".join(map(json_fragment, [text_fingerprint, settings.text_length, settings.dtype]))
+        self.windows: dict = {}
+        """(kind, probe) -> windows (see `_windows`), for this plan's spec and sampling."""
+
+    def text(self, caption: str) -> str:
+        """``hash_json(["text", caption, text fingerprint, text length, dtype])`` (`text_key`)."""
+        return hash_fragments(f'"text",{json_fragment(caption)},{self._text_tail}')
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def window(start: int, stride: float, frames: int, bucket: str) -> tuple[str, str]:
+        """The fragments of a clip window: (start, stride, frames, bucket) and (start, stride, bucket)."""
+        start, stride, bucket = json_fragment(start), json_fragment(stride), json_fragment(bucket)
+        return f"{start},{stride},{json_fragment(frames)},{bucket}", f"{start},{stride},{bucket}"
+
+    def video(self, digest: str, window: str) -> str:
+        """``hash_json(["video", digest, start, stride, frames, bucket, *item settings])``."""
+        return hash_fragments(f'"video",{json_fragment(digest)},{window},{self._video_tail}')
+
+    @staticmethod
+    def sample(source: str, window: str, vkey: str, tkey: str) -> str:
+        """``hash_json([source, start, stride, bucket, video key, text key])``."""
+        return hash_fragments(f'{json_fragment(source)},{window},"{vkey}","{tkey}"')
+
+
+def _plan_item(item: DatasetItem, spec, settings, keys: _Keys, hashes, probes, known_videos: set[str]):
+    """(index row, VideoJob or None where `known_videos` holds its item) for each clip of `item`; or why none."""
+    # one stat per file: the dataset reader's (its real path and stat), else the hash cache's own
+    known = (str(item.path), item.stat) if item.stat is not None else None
+    digest, stat = hashes.hash_and_stat(item.path, known)
     if item.image is not None:
         digest = hash_json([digest, hashes.hash(item.image)])
-    frames, fps, height, width = probes.info(digest, item.path)  # an image probes as 1 frame
-    available = 1 if item.kind == "image" else usable_frames(frames, fps, settings.sampling)
-    bucket = assign_bucket(height, width, max(available, 1), spec)
-    if bucket is None or (item.kind == "video" and available < 2):
-        smallest = min(b.frames for b in spec.buckets)
-        return f"{item.path}: {available} usable frames, fewer than the smallest frame bucket ({smallest})"
-    if item.kind == "image":
-        windows = [ClipWindow(0, 1.0, 1)]
-    else:
-        allowed = list(spec.frames_by_resolution[bucket.resolution])
-        clip_plan = plan_clips(frames, fps, settings.sampling, allowed)
-        if not clip_plan.windows:
-            return f"{item.path}: {clip_plan.reason}"
-        windows = clip_plan.windows
-    stat = item.path.stat()
-    tkey = text_key(item.caption, text_fingerprint, settings)
+    windows = _windows(item.kind, probes.info(digest, item.path), spec, settings.sampling, keys.windows)
+    if isinstance(windows, str):
+        return f"{item.path}: {windows}"
+    tkey = keys.text(item.caption)
     out = []
-    for w in windows:
-        b = Bucket(w.frames, bucket.height, bucket.width)
-        vkey = hash_json(["video", digest, w.start, w.stride, w.frames, b.name, *item_settings])
+    for w, b, bucket_name, (window_fragment, sample_fragment) in windows:
+        vkey = keys.video(digest, window_fragment)
         row = {
-            "key": hash_json([item.source, w.start, w.stride, b.name, vkey, tkey]),
+            "key": keys.sample(item.source, sample_fragment, vkey, tkey),
             "source": item.source,
             "kind": item.kind,
-            "bucket": b.name,
+            "bucket": bucket_name,
             "frames": b.frames,
             "height": b.height,
             "width": b.width,
@@ -260,8 +363,40 @@ def _plan_item(item: DatasetItem, spec, settings, item_settings, text_fingerprin
             "video_key": vkey,
             "text_key": tkey,
         }
-        out.append((row, VideoJob(vkey, item.path, item.kind, item.image, w, b)))
+        out.append((row, None if vkey in known_videos else VideoJob(vkey, item.path, item.kind, item.image, w, b)))
     return out
+
+
+def _windows(kind: str, probe: tuple[int, float, int, int], spec: BucketSpec, sampling: FrameSampling,
+             cache: dict):
+    """[(ClipWindow, Bucket, its key fragments)] of a source of `kind` and `probe`, or why it has none.
+    Remembered in `cache` (one per plan) by (kind, probe): sources of one shape and length share them."""
+    hit = cache.get((kind, probe))
+    if hit is None:
+        hit = cache[(kind, probe)] = _windows_of(kind, probe, spec, sampling)
+    return hit
+
+
+def _windows_of(kind: str, probe: tuple[int, float, int, int], spec: BucketSpec, sampling: FrameSampling):
+    frames, fps, height, width = probe
+    available = 1 if kind == "image" else usable_frames(frames, fps, sampling)
+    bucket = assign_bucket(height, width, max(available, 1), spec)
+    if bucket is None or (kind == "video" and available < 2):
+        smallest = min(b.frames for b in spec.buckets)
+        return f"{available} usable frames, fewer than the smallest frame bucket ({smallest})"
+    if kind == "image":
+        windows = [ClipWindow(0, 1.0, 1)]
+    else:
+        allowed = list(spec.frames_by_resolution[bucket.resolution])
+        clip_plan = plan_clips(frames, fps, sampling, allowed)
+        if not clip_plan.windows:
+            return clip_plan.reason
+        windows = clip_plan.windows
+    out = []
+    for w in windows:
+        b = Bucket(w.frames, bucket.height, bucket.width)
+        out.append((w, b, b.name, _Keys.window(w.start, w.stride, w.frames, b.name)))
+    return tuple(out)
 
 
 def _dedupe_keys(samples: list[dict[str, Any]]) -> None:
@@ -275,16 +410,12 @@ def _dedupe_keys(samples: list[dict[str, Any]]) -> None:
     samples[:] = kept
 
 
-def _known_items(store: Path, old_rows: list[dict[str, Any]]):
+def _known_items(store: Path, index: dict[str, list] | None, damaged: set[str]) -> KnownItems:
     """Items the index points at, plus items in closed shards the index does not know (a killed run's work)."""
     video: dict[str, dict[str, S.Location]] = {}
     text: dict[str, tuple[S.Location, int]] = {}
-    for r in old_rows:
-        members, text_location = S.row_locations(r)
-        video[r["video_key"]] = members
-        text[r["text_key"]] = (text_location, r["text_tokens"])
-    referenced = {r["shard"] for r in old_rows} | {r["text_shard"] for r in old_rows}
-    reader = S.ShardReader(store)
+    referenced = set(index["shard"]) | set(index["text_shard"]) if index else set()
+    reader = None
     for shard in S.list_shards(store):
         if shard in referenced:
             continue
@@ -292,33 +423,40 @@ def _known_items(store: Path, old_rows: list[dict[str, Any]]):
             items = S.scan_shard(store, shard)
         except Exception:
             continue  # an unreadable orphan is garbage for `cogprep gc`, never a reason to fail
+        reader = reader or S.ShardReader(store)
         for key, members in items.items():
             if S.LATENT in members:
                 video.setdefault(key, {m: loc for m, loc in members.items() if m != S.META})
             elif S.TEXT in members and S.META in members:
                 meta = json.loads(reader.read(members[S.META].shard, members[S.META].offset, members[S.META].size))
                 text.setdefault(key, (members[S.TEXT], int(meta["tokens"])))
-    reader.close()
-    return video, text
+    if reader is not None:
+        reader.close()
+    return KnownItems({name: index[name] for name in KnownItems.LOCATION_COLUMNS} if index else None, video, text,
+                      damaged)
 
 
-def _changes(old_rows: list[dict[str, Any]], samples: list[dict[str, Any]],
+def _changes(index: dict[str, list] | None, samples: list[dict[str, Any]],
              damaged: set[str]) -> dict[str, list[str]]:
-    """Sources by what an encode does to them; a source with `damaged` cached items counts as changed."""
-    def by_source(rows):
-        out: dict[str, set] = {}
-        for r in rows:
-            out.setdefault(r["source"], set()).add((r["video_key"], r["text_key"]))
-        return out
+    """Sources by what an encode does to them; a source with `damaged` cached items counts as changed.
 
-    old, new = by_source(old_rows), by_source(samples)
-    hurt = {r["source"] for r in old_rows if r["video_key"] in damaged or r["text_key"] in damaged}
-    kept = {s for s in new if s in old and new[s] == old[s] and s not in hurt}
+    A source is unchanged when its (video key, text key) pairs are those the index holds for it. Compared as
+    sets of (source, video key, text key): a source with a triple on one side only has changed."""
+    old_source, old_video, old_text = (index["source"], index["video_key"], index["text_key"]) if index else ([], [], [])
+    new = {r["source"] for r in samples}
+    old = set(old_source)
+    new_triples = {(r["source"], r["video_key"], r["text_key"]) for r in samples}
+    old_triples = set(zip(old_source, old_video, old_text))
+    differ = {t[0] for t in new_triples - old_triples} | {t[0] for t in old_triples - new_triples}
+    del new_triples, old_triples
+    if damaged:
+        differ |= {s for s, v, t in zip(old_source, old_video, old_text) if v in damaged or t in damaged}
+    both = new & old
     return {
-        "new": sorted(s for s in new if s not in old),
-        "changed": sorted(s for s in new if s in old and s not in kept),
-        "removed": sorted(s for s in old if s not in new),
-        "unchanged": sorted(kept),
+        "new": sorted(new - old),
+        "changed": sorted(both & differ),
+        "removed": sorted(old - new),
+        "unchanged": sorted(both - differ),
     }
 
 

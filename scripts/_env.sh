@@ -17,6 +17,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing cogtune and its dependencies into $VENV (first run only)"
   python -m pip install -q --disable-pip-version-check --upgrade pip
   python -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  # decord2 replaced the old decord distribution, and both install the `decord` module: remove the old one first,
+  # with a decord2 installed over it (uninstalling decord deletes files they share), so decord2 installs whole
+  if python -m pip show -q decord >/dev/null 2>&1; then
+    echo "replacing the old decord distribution with decord2"
+    python -m pip uninstall -y -q decord
+    if python -m pip show -q decord2 >/dev/null 2>&1; then python -m pip uninstall -y -q decord2; fi
+  fi
   # the optional optimizers too (bnb, prodigy): the suite trains and resumes with each
   python -m pip install -q --disable-pip-version-check -e "$ROOT[test,bnb,prodigy]"
   echo "$want" >"$stamp"

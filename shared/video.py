@@ -1,15 +1,23 @@
 """Reading and writing video files: mp4 out through imageio's ffmpeg plugin, frames in through decord.
 
-Images (png, jpg, webp, ...) read as 1-frame videos, so the rest of cogtune handles one kind of thing.
-Every failure to read a file becomes a `CogtuneError` naming the file and a short reason.
+decord is the `decord2` distribution (FFmpeg 8 with AV1, HEVC, VP9, ProRes, ...; it turns frames upright as
+their rotation metadata says). Images (png, jpg, webp, ...) read as 1-frame videos, so the rest of cogtune
+handles one kind of thing. Every failure to read a file becomes a `CogtuneError` naming the file and a short
+reason in cogtune's words; what decord and FFmpeg would print about it never reaches the console.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import subprocess
+import sys
+import tempfile
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +30,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 MP4_QUALITY = 8
 """imageio's quality scale (0-10, 10 best): high enough that small synthetic clips keep their colours."""
+
+# FFmpeg's error codes as decord's messages print them: av_find_best_stream found a video stream but no decoder
+# for its codec, or found no video stream at all.
+AVERROR_DECODER_NOT_FOUND = "-1128613112"
+AVERROR_STREAM_NOT_FOUND = "-1381258232"
 
 
 class VideoInfo(NamedTuple):
@@ -85,12 +98,13 @@ def read_video_info(path: Path | str) -> VideoInfo:
     if is_image(path):
         height, width = _read_image(path).shape[:2]
         return VideoInfo(1, 0.0, height, width)
-    reader = _open_video(path)
-    try:
-        first = reader.next().asnumpy()
-    except Exception as e:
-        raise CogtuneError(f"{path}: cannot decode the first frame ({_short(e)})") from None
-    return VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1])
+    with _decoder_stderr() as log:
+        reader = _open_video(path, log)
+        try:
+            first = reader.next().asnumpy()
+        except Exception as e:
+            raise CogtuneError(f"{path}: cannot decode the first frame ({_damaged(e)})") from None
+        return VideoInfo(len(reader), float(reader.get_avg_fps()), first.shape[0], first.shape[1])
 
 
 def read_frames(path: Path | str, indices: Sequence[int]) -> np.ndarray:
@@ -104,19 +118,21 @@ def read_frames(path: Path | str, indices: Sequence[int]) -> np.ndarray:
         if any(i != 0 for i in indices):
             raise CogtuneError(f"{path}: an image has only frame 0, asked for frames {indices}")
         return np.repeat(image[None], len(indices), axis=0)
-    reader = _open_video(path)
-    out_of_range = [i for i in indices if not 0 <= i < len(reader)]
-    if out_of_range:
-        raise CogtuneError(f"{path}: has {len(reader)} frames, asked for frame {out_of_range[0]}")
-    try:
-        probe = reader[indices[0]].asnumpy()
-        if probe.shape[-1] == 3:
-            return reader.get_batch(indices).asnumpy()
-        # decord 0.6 bug (dmlc/decord#336): at some widths (16, 24, 48, 72, ...) it returns each frame's padded
-        # rows as extra "channels" and get_batch fails; read frame by frame and cut the row padding off.
-        return np.stack([_unpad_rows(reader[i].asnumpy(), probe.shape[1]) for i in indices])
-    except Exception as e:
-        raise CogtuneError(f"{path}: cannot decode frames ({_short(e)})") from None
+    with _decoder_stderr() as log:
+        reader = _open_video(path, log)
+        out_of_range = [i for i in indices if not 0 <= i < len(reader)]
+        if out_of_range:
+            raise CogtuneError(f"{path}: has {len(reader)} frames, asked for frame {out_of_range[0]}")
+        try:
+            probe = reader[indices[0]].asnumpy()
+            if probe.shape[-1] == 3:
+                return reader.get_batch(indices).asnumpy()
+            # decord bug (dmlc/decord#336, still in decord2 3.4): at some widths (8, 16, 24, 48, 72, ...) it
+            # returns each frame's padded rows as extra "channels" and get_batch fails; read frame by frame and
+            # cut the row padding off.
+            return np.stack([_unpad_rows(reader[i].asnumpy(), probe.shape[1]) for i in indices])
+        except Exception as e:
+            raise CogtuneError(f"{path}: cannot decode frames ({_damaged(e)})") from None
 
 
 def _unpad_rows(frame: np.ndarray, width: int) -> np.ndarray:
@@ -135,16 +151,87 @@ def _check_file(path: Path | str) -> Path:
     return path
 
 
-def _open_video(path: Path):
-    from decord import VideoReader, cpu
-
+def _open_video(path: Path, log: _CapturedStderr):
+    """A decord VideoReader of `path`, or a CogtuneError saying what the file is: a codec this decoder lacks,
+    no video stream, or not a readable video (corrupt, truncated or not a video at all)."""
+    decord = _decord()
     try:
-        reader = VideoReader(str(path), ctx=cpu(0))
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     except Exception as e:
-        raise CogtuneError(f"{path}: not a readable video (corrupt, truncated or not a video: {_short(e)})") from None
+        message = str(e)
+        if AVERROR_DECODER_NOT_FOUND in message:
+            codec = _stream_codec(path)
+            raise CogtuneError(f"{path}: unsupported video codec {codec or '(unknown)'}: decord {decord.__version__}'s "
+                               "FFmpeg has no decoder for it (re-encode it, e.g. to H.264)") from None
+        if AVERROR_STREAM_NOT_FOUND in message:
+            raise CogtuneError(f"{path}: no video stream (audio or data only)") from None
+        # decord's exception says only "Error reading PATH..."; FFmpeg's reason is in the line it logged
+        opening = re.search(r"ERROR opening: .*, (.+)", log.text())
+        reason = f"FFmpeg: {opening.group(1).strip()}" if opening else _short(e)
+        raise CogtuneError(f"{path}: not a readable video (corrupt, truncated or not a video; {reason})") from None
     if len(reader) < 1:
         raise CogtuneError(f"{path}: video has no frames")
     return reader
+
+
+@functools.cache
+def _decord():
+    """The decord module, with FFmpeg's own log (av_log: "[mov,mp4,... @ 0x...] moov atom not found") silenced:
+    cogtune reports each bad file in one line of its own."""
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)
+    return decord
+
+
+class _CapturedStderr:
+    def __init__(self, file):
+        self.file = file
+
+    def text(self) -> str:
+        self.file.seek(0)
+        return self.file.read().decode(errors="replace")
+
+
+# decord's own log lines ("[09:22:36] /project/src/video/video_reader.cc:86: ERROR opening: ...") and FFmpeg's
+# ("[h264 @ 0x55e5fc09d100] ...", should one come before the level is set)
+_DECODER_LINE = re.compile(r"^\[[\d:]+\] \S+\.(cc|h):\d+: |^\[[\w,-]+ @ 0x[0-9a-f]+\] ")
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _decoder_stderr() -> Iterator[_CapturedStderr]:
+    """Point the process's stderr (fd 2) at a temporary file while decord works: its C++ log lines are written
+    there and have no level to turn them off. Afterwards, what others wrote meanwhile goes on to stderr; decord's
+    and FFmpeg's lines stay behind (the caller may read them for a reason). One capture at a time per process."""
+    with _STDERR_LOCK, tempfile.TemporaryFile(buffering=0) as file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        captured = _CapturedStderr(file)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            others = [line for line in captured.text().splitlines(keepends=True) if not _DECODER_LINE.match(line)]
+            if others:
+                os.write(2, "".join(others).encode())
+
+
+def _stream_codec(path: Path) -> str | None:
+    """The codec name of the first video stream of `path`, as the ffmpeg binary imageio-ffmpeg ships reads it
+    (decord cannot open the file to say); None where it cannot tell."""
+    import imageio_ffmpeg
+
+    try:
+        probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                               capture_output=True, text=True, errors="replace", timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"Stream #.*?: Video: (\w+)", probe.stderr)
+    return found.group(1) if found else None
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -158,8 +245,9 @@ def _read_image(path: Path) -> np.ndarray:
         raise CogtuneError(f"{path}: not a readable image ({_short(e)})") from None
 
 
-# decord's messages start with a time and a C++ source line, sometimes several nested ("[t] a.cc:1: [t] b.cc:2: ...")
-_DECORD_PREFIX = re.compile(r"^(\[[\d:]+\] \S+:\d+: )+(Check failed: )?")
+# decord's messages start with a time and a C++ source line, sometimes several nested ("[t] a.cc:1: [t] b.cc:2: ...");
+# a failed check goes on with its C++ condition and values before the words ("Check failed: f(x) >= 0 (-12 vs. 0) ...")
+_DECORD_PREFIX = re.compile(r"^(\[[\d:]+\] \S+:\d+: )+(Check failed: (.*? \(\S+ vs\. \S+\) )?)?")
 
 
 def _short(error: Exception) -> str:
@@ -167,3 +255,8 @@ def _short(error: Exception) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     text = _DECORD_PREFIX.sub("", lines[0]) if lines else type(error).__name__
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _damaged(error: Exception) -> str:
+    """A decode failure of a file that opened: its data is damaged or cut short; decord's check as the detail."""
+    return f"damaged or truncated data; decoder: {_short(error)}"

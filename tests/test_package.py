@@ -59,3 +59,16 @@ def test_every_option_of_every_command_has_help(module):
         assert options, name
         for option in options:
             assert (option.help or "").strip(), f"{name} --{option.name}: no help"
+
+
+def test_check_wheels_lists_the_runtime_dependencies_offline():
+    """scripts/check_wheels.py asks PyPI (not in the suite); --help and --list need no network."""
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "check_wheels.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--list" in r.stdout
+    r = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split()
+    assert "decord2>=3.4" in listed and not any(line.startswith(("torch", "decord>")) for line in listed)

@@ -1,0 +1,254 @@
+"""Benchmark the no-op re-run at scale: `cogprep status` over 100,000 and 1,000,000 listed clips.
+
+    python scripts/bench_scale.py [--entries 100000 1000000] [--json-out bench.json] [--keep DIR]
+
+How the stores are built (encoding a million clips for real is out of reach on 2 cores): a real
+`cogprep encode` of 4 short clips with the tiny CogVideoX-5b gives a real store (shards, manifest, caches).
+The big dataset lists N entries (videos.txt + prompts.txt, 1,000 per folder), each a hard link to one of the
+4 clips (to a fresh copy every 50,000 links: ext4 allows 65,000 per file), each with its own caption. So that planning sees N *distinct* clips, as it would in a real dataset,
+the store's file-hash cache gives each link its own content hash (sha256 of "synthetic N") under the link's
+real (size, mtime), and the probe cache gives each such hash the probe of the clip it links to: exactly what a
+first encode of N distinct files would have recorded. The index is then written from the planner's own rows
+for that dataset, each pointing at the real cached members of its clip and of one real caption. Planning
+reads no shard member, so N distinct items it never decodes are indistinguishable from N encoded ones.
+
+Measured for each N, in a new process (`--measure`): `cogprep status` in that process after the imports
+(the command's own work), the whole process (what a user waits for: Python, torch and the imports included),
+its peak RSS, and as the floor the same process's cost of one os.stat per listed clip (what any planner that
+trusts (size, mtime) must pay). Prints a table with targets and PASS/FAIL, then the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+TARGETS = {100_000: {"in_process_s": 3.0, "process_s": 5.0},
+           1_000_000: {"in_process_s": 20.0, "process_s": None, "peak_rss_gb": 2.0}}
+PER_FOLDER = 1000
+LINKS_PER_COPY = 50_000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--measure", nargs=2, type=Path, metavar=("DATASET", "STORE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        measure(*args.measure)
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = run(args.entries, work)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+
+
+def run(counts: list[int], work: Path) -> dict:
+    started = time.time()
+    seed_data, seed_store, model = build_seed(work)
+    out = {"setup": {"cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+                     "python": sys.version.split()[0]}, "runs": []}
+    for n in counts:
+        data, store = work / f"data-{n}", work / f"store-{n}"
+        t = time.perf_counter()
+        build_scaled(seed_data, seed_store, data, store, n)
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--measure", str(data), str(store)], capture_output=True,
+                              text=True, check=False)
+        wall = time.perf_counter() - t
+        if done.returncode != 0:
+            raise SystemExit(f"measure {n}: exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        # the new process as a user waits for it: everything but the floor measured after the command
+        result["process_s"] = round(wall - result.pop("after_status_s"), 2)
+        result.update({"entries": n, "build_s": round(build_s, 1), "targets": TARGETS.get(n, {})})
+        out["runs"].append(result)
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    out["bench_seconds"] = round(time.time() - started, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building the stores
+
+
+def build_seed(work: Path) -> tuple[Path, Path, Path]:
+    """A real store of 4 short clips, encoded by `cogprep encode` with the tiny CogVideoX-5b."""
+    from bench_prep import cogprep, make_noop_dataset
+    from cogtune.shared.zoo import TINY_NATIVE, make_tiny_model
+
+    model = make_tiny_model("5b", work / "model", seed=0)
+    data = make_noop_dataset(work / "seed", 4)
+    store = work / "seed-store"
+    native = "x".join(str(n) for n in TINY_NATIVE["1.0"])
+    cogprep("encode", data, "--model", model, "--out", store, "--resolution", native, "--workers", 0)
+    return data, store, model
+
+
+def synthetic_digest(n: int) -> str:
+    return hashlib.sha256(f"synthetic {n}".encode()).hexdigest()[:32]
+
+
+def build_scaled(seed_data: Path, seed_store: Path, data: Path, store: Path, n: int) -> None:
+    """`n` entries linking to the seed's clips, each seen as a distinct clip (see the module's docstring)."""
+    from cogtune.preprocess.plan import plan_against_store
+    from cogtune.shared import store as S
+
+    originals = [(seed_data / line).resolve() for line in (seed_data / "videos.txt").read_text().split()]
+    seed_rows = S.read_index(seed_store)
+    by_source = {(seed_data / r["source"]).resolve(): r for r in seed_rows}
+    probes = json.loads((seed_store / S.CACHE_DIR / "probe.json").read_text())
+    seed_hashes = json.loads((seed_store / S.CACHE_DIR / "files.json").read_text())
+    shutil.copytree(seed_store, store)
+    names, files, probe, origin, origin_stat = [], {}, {}, {}, {}
+    for i in range(n):
+        name = f"videos/{i // PER_FOLDER:04d}/{i}.mp4"
+        path = data / name
+        if i % PER_FOLDER == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        original = originals[i % len(originals)]
+        if i // len(originals) % LINKS_PER_COPY == 0:  # a file takes at most 65,000 links (ext4): a new copy
+            origin[original] = data / "origins" / f"{i}.mp4"
+            origin[original].parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(original, origin[original])
+            st = origin[original].stat()
+            origin_stat[original] = (st.st_size, st.st_mtime_ns)
+        os.link(origin[original], path)
+        size, mtime = origin_stat[original]
+        digest = seed_hashes[str(original)][2]
+        fake = synthetic_digest(i)
+        files[str(path.resolve())] = [size, mtime, fake]
+        probe[fake] = probes[digest]
+        names.append(name)
+    (data / "videos.txt").write_text("".join(f"{x}\n" for x in names))
+    (data / "prompts.txt").write_text("".join(f"a square moving up, take {i}\n" for i in range(n)))
+    (store / S.CACHE_DIR / "files.json").write_text(json.dumps(files))
+    (store / S.CACHE_DIR / "probe.json").write_text(json.dumps(probe))
+    del files, probe
+    S.write_index(store, [])  # what the planner compares with: nothing yet, every entry is new
+    plan = plan_against_store(data, store)
+    assert not plan.bad and len(plan.samples) == n, (len(plan.bad), len(plan.samples))
+    locations = {}
+    for i in range(len(originals)):
+        r = by_source[originals[i]]
+        locations[i] = {c: r[c] for c in S.SAMPLE_COLUMNS} | {"text_tokens": r["text_tokens"]}
+    columns = {name: [] for name in S.INDEX_SCHEMA.names}
+    for sample in plan.samples:
+        i = int(Path(sample["source"]).stem)
+        for name, value in (sample | locations[i % len(originals)]).items():
+            columns[name].append(value)
+    del plan
+    table = pa.table(columns, schema=S.INDEX_SCHEMA)
+    manifest = S._index_manifest(seed_store / S.INDEX).encode()
+    table = table.sort_by("key").replace_schema_metadata({S.MANIFEST_KEY: manifest})
+    pq.write_table(table, store / S.INDEX)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# measuring (in a new process)
+
+
+def measure(data: Path, store: Path) -> None:
+    process_start = time.perf_counter()
+    from cogtune.preprocess.cli import app
+    from typer.testing import CliRunner
+
+    imports_s = time.perf_counter() - process_start
+    rss_after_imports = _peak_rss()
+    t = time.perf_counter()
+    result = CliRunner().invoke(app, ["status", str(data), "--store", str(store)])
+    status_s = time.perf_counter() - t
+    peak = _peak_rss()
+    after_status = time.perf_counter()
+    if result.exit_code != 0 or "store is current" not in result.output:
+        raise SystemExit(f"cogprep status: exit {result.exit_code}\n{result.output}\n{result.exception!r}")
+    words = result.output.split()
+    unchanged = int(words[words.index("unchanged") + 1].rstrip(";"))
+    # the floor: one os.stat per listed clip, as any planner trusting (size, mtime) must do
+    paths = [str(data / line) for line in (data / "videos.txt").read_text().split("\n") if line]
+    t = time.perf_counter()
+    for p in paths:
+        os.stat(p)
+    stat_s = time.perf_counter() - t
+    after_status_s = time.perf_counter() - after_status
+    print(json.dumps({"status_in_process_s": round(status_s, 3), "imports_s": round(imports_s, 2),
+                      "after_status_s": after_status_s, "unchanged": unchanged,
+                      "peak_rss_gb": round(peak / 2**30, 3), "rss_after_imports_gb": round(rss_after_imports / 2**30, 3),
+                      "one_stat_per_entry_s": round(stat_s, 3),
+                      "status_over_stat_floor": round(status_s / stat_s, 1)}))
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over fork and exec from the parent,
+    which here built the big index."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def verdict(value, target):
+        if target is None:
+            return ""
+        return "[green]PASS[/green]" if value < target else "[red]FAIL[/red]"
+
+    s = r["setup"]
+    table = Table(title=f"no-op re-run at scale (`cogprep status`), {s['cpu_cores']} cores "
+                        f"(load {s['load_average_1min']})", title_justify="left")
+    for name in ("entries", "measure", "value", "target", "result"):
+        table.add_column(name, justify="left" if name == "measure" else "right")
+    for run in r["runs"]:
+        t = run["targets"]
+        n = f"{run['entries']:,}"
+        table.add_row(n, "status, in process", f"{run['status_in_process_s']:.2f} s",
+                      f"< {t['in_process_s']} s" if t.get("in_process_s") else "",
+                      verdict(run["status_in_process_s"], t.get("in_process_s")))
+        table.add_row("", "status, new process", f"{run['process_s']:.2f} s",
+                      f"< {t['process_s']} s" if t.get("process_s") else "",
+                      verdict(run["process_s"], t.get("process_s")))
+        table.add_row("", "peak RSS of that process", f"{run['peak_rss_gb']:.2f} GB",
+                      f"< {t['peak_rss_gb']} GB" if t.get("peak_rss_gb") else "",
+                      verdict(run["peak_rss_gb"], t.get("peak_rss_gb")))
+        table.add_row("", "  of it after the imports", f"{run['rss_after_imports_gb']:.2f} GB", "", "")
+        table.add_row("", "floor: one os.stat per entry", f"{run['one_stat_per_entry_s']:.2f} s "
+                      f"(status = {run['status_over_stat_floor']}x)", "", "")
+    Console(width=130).print(table)
+
+
+if __name__ == "__main__":
+    main()
