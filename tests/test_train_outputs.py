@@ -259,10 +259,16 @@ def encoded_store(dataset, model_path, out, *extra):
 
 
 def assert_videos(paths, out_dir, step, size):
-    assert paths == [out_dir / "validation" / f"step-{step:06d}-{i}.mp4" for i in range(2)]
-    for path in paths:
+    """Two prompts: two videos, then the round's contact sheet (a row of 4 frames per prompt, a caption above)."""
+    from PIL import Image
+
+    videos, sheet = paths[:-1], paths[-1]
+    assert videos == [out_dir / "validation" / f"step-{step:06d}-{i}.mp4" for i in range(2)]
+    for path in videos:
         info = read_video_info(path)
         assert (info.num_frames, info.height, info.width) == size
+    assert sheet == out_dir / "validation" / f"step-{step:06d}.png"
+    assert Image.open(sheet).size == (4 * size[2], 2 * (size[1] + 16))
 
 
 def test_validation_renders_text_to_video_from_the_store(tiny_models, demo_dataset, tmp_path):
