@@ -4,6 +4,10 @@ One process or many (``torchrun --nproc_per_node N $(which cogprep) encode ...``
 rank plans the same work, takes every N-th item, writes its own shards and a list of what it wrote, and rank 0
 writes the one index. The index is written last and atomically: a run killed at any moment leaves the previous
 store intact, and the next run reuses the items in the shards it had closed.
+
+This module runs the steps (plan, texts, videos, commit) and never imports torch itself: the T5 and VAE work and
+the decode workers are in `compute`, imported once there is something to encode, so a no-op re-run never loads
+torch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -30,12 +34,9 @@ from ..shared.errors import CogtuneError
 from ..shared.fingerprint import FileHashes, hash_json
 from ..shared.models import Model, parse_dtype
 from ..shared.provenance import software_versions
-from ..shared.video import read_frames
 from .datasets import BadItem, Dataset
-from .frames import resize_to_bucket
 from .plan import (
     CACHE_DIR,
-    INPUT_ERRORS,
     EncodeSettings,
     Plan,
     VideoJob,
@@ -44,14 +45,12 @@ from .plan import (
     text_fingerprint,
 )
 
-if TYPE_CHECKING:  # torch is imported where there is work: a no-op re-run never loads it
-    import torch
-
 PENDING = ".pending"
 KILL_HOOK = "COGTUNE_TEST_KILL_AT"
 """Test hook for the crash tests (tests/test_prep_robust.py), never set in real use: ``item:N`` kills this
 process with SIGKILL right after its N-th item is written to a shard, ``index`` right after index.parquet is
 written and before store.json."""
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 TEXT_COMPONENTS = ("text_encoder", "tokenizer")
 PREP_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
@@ -61,23 +60,31 @@ class RunOptions:
     """How to run an encode; none of these change what is cached."""
 
     device: str = "auto"
-    """``auto``: cuda:LOCAL_RANK when a GPU is present, else cpu."""
-    compute_dtype: str = "auto"
-    """Dtype the VAE and T5 run in: ``auto`` is bfloat16 on GPU, float32 on CPU."""
-    workers: int = 2
-    """CPU processes decoding and resizing clips while the accelerator encodes."""
-    text_batch_size: int = 16
+    """auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda, cuda:1, ..."""
+    compute_dtype: ComputeDtype = "auto"
+    """Dtype the VAE and T5 run in: auto is bfloat16 on a GPU, float32 on the CPU."""
+    workers: int = field(default=2, metadata={"option": {"min": 0}})
+    """CPU processes decoding and resizing clips while the model encodes (0: decode in this process)."""
+    text_batch_size: int = field(default=16, metadata={"option": {"min": 1}})
+    """Captions per T5 call."""
     vae_tiling: bool = False
+    """Encode in spatial tiles (less memory for large frames)."""
     vae_slicing: bool = False
+    """Encode batch items one at a time."""
     strict: bool = False
     """Any bad item: exit 2 and write nothing."""
     rehash: bool = False
-    """Re-hash every file instead of trusting unchanged (size, mtime)."""
-    shard_max_bytes: int = 1 << 30
-    shard_max_items: int = 1000
+    """Re-hash every source file instead of trusting unchanged size and mtime."""
+    shard_max_bytes: int = field(default=S.SHARD_MAX_BYTES, metadata={"option": {"min": 1}})
+    """Bytes per shard before a new shard is started."""
+    shard_max_items: int = field(default=S.SHARD_MAX_ITEMS, metadata={"option": {"min": 1}})
+    """Items per shard before a new shard is started."""
     validation_prompts: Path | None = None
+    """Text file, one prompt a line, embedded for cogtrain's validation."""
     validation_images: Path | None = None
+    """I2V: text file of image paths, one per validation prompt."""
     progress: bool = True
+    """Show progress bars."""
 
 
 @dataclass
@@ -102,11 +109,9 @@ def dist_info() -> tuple[int, int, int]:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
+        from . import compute as ops
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        dist.barrier()
+        ops.barrier()
 
 
 def model_fingerprints(model: Model, hashes: FileHashes) -> tuple[str, str, dict[str, str]]:
@@ -137,141 +142,165 @@ def run_encode(
         store.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CogtuneError(f"{store}: cannot create the store ({e.strerror})") from None
+    was_empty = created is not None or not any(store.iterdir())
     with S.store_lock(store):  # refused in one line while another cogprep holds it: nothing touched then
         try:
             S.check_writable(store)
             return _run_encode(dataset, model, store, spec, settings, options, dataset_info, created)
         except BaseException:
-            if created is not None and not any(p.is_file() for p in created.rglob("*")):
-                shutil.rmtree(created, ignore_errors=True)  # a refused first encode leaves no empty store
+            if was_empty:
+                _remove_refused_first_encode(store, created)
             raise
 
 
+def _remove_refused_first_encode(store: Path, created: Path | None) -> None:
+    """A refused first encode leaves no empty store behind: the folders it made go, and in a folder the user made,
+    the hash journal of its planning (no content without a commit). Anything else written there stays."""
+    if any(p.is_file() and CACHE_DIR not in p.relative_to(store).parts for p in store.rglob("*")):
+        return
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    else:
+        shutil.rmtree(store / CACHE_DIR, ignore_errors=True)
+
+
+@dataclass
+class _Run:
+    """One encode's inputs, as every step takes them."""
+
+    dataset: Dataset
+    model: Model
+    store: Path
+    spec: BucketSpec
+    settings: EncodeSettings
+    options: RunOptions
+    dataset_info: dict[str, Any]
+    started: float = field(default_factory=time.time)
+
+
 def _run_encode(dataset, model, store, spec, settings, options, dataset_info, created: Path | None) -> EncodeResult:
-    """`created`: the topmost folder this run made for the store (rank 0), None where the store existed."""
-    started = time.time()
+    """Plan, then encode this rank's share of the captions and the clips, then commit (rank 0, once every rank
+    has written its list). `created`: the topmost folder this run made for the store (rank 0), None where the
+    store existed."""
+    run = _Run(dataset, model, store, spec, settings, options, dataset_info)
     rank, world, local_rank = dist_info()
     if rank == 0 and created is None:
         S.remove_temp_shards(store)
         shutil.rmtree(store / PENDING, ignore_errors=True)
     _barrier(world)
-
-    hashes = FileHashes(store / CACHE_DIR / "files.json", rehash=options.rehash)
-    vae_fp, text_fp, fps = model_fingerprints(model, hashes)
-    plan = plan_encode(dataset, spec, settings, vae_fp, text_fp, store, hashes, model.variant.task,
-                       save_caches=False)
+    plan, fps = _plan_step(run)
     result = EncodeResult(plan=plan)
-    if options.strict and plan.bad:
-        raise CogtuneError(f"{plan.bad[0].reason} (and {len(plan.bad) - 1} more bad items; --strict writes nothing)"
-                           if len(plan.bad) > 1 else f"{plan.bad[0].reason} (--strict writes nothing)")
-    if not plan.samples:
-        raise _nothing_to_encode(dataset, plan.bad)
-    needed, free = estimate_bytes(plan, model, settings), free_bytes(store)
-    if needed > free:
-        raise CogtuneError(f"{store}: this encode writes up to {human_bytes(needed)} ({len(plan.video_jobs)} clips, "
-                           f"{len(plan.text_jobs)} captions), the disk has {human_bytes(free)} free: free space, or "
-                           f"encode into a folder on another disk")
-
-    store.mkdir(parents=True, exist_ok=True)
-    if not options.strict:  # --strict writes nothing before it commits, not even the caches
-        plan.save_caches()
-    prefix = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank}"
-    my_texts = sorted(plan.text_jobs)[rank::world]
-    my_videos = [plan.video_jobs[k] for k in sorted(plan.video_jobs)[rank::world]]
-    extras_stale = rank == 0 and _extras_stale(store, text_fp, options)
-    if my_texts or my_videos or extras_stale:
-        device, compute = _compute_device(options, local_rank)
-        storage = parse_dtype(settings.dtype)
-
-    writers: dict[str, S.ShardWriter] = {}
-    made: list[Path] = []  # shard folders this run created
-
-    def writer(bucket: str) -> S.ShardWriter:
-        if bucket not in writers:
-            missing = _first_missing(store / S.SHARDS / bucket)
-            if missing is not None:
-                made.append(missing)
-            writers[bucket] = S.ShardWriter(store, bucket, prefix, options.shard_max_bytes, options.shard_max_items)
-        return writers[bucket]
-
-    new_texts: dict[str, list] = {}
-    new_videos: dict[str, dict[str, list]] = {}
-    failures: dict[str, str] = {}
+    texts = sorted(plan.text_jobs)[rank::world]
+    videos = [plan.video_jobs[k] for k in sorted(plan.video_jobs)[rank::world]]
+    extras_stale = rank == 0 and _extras_stale(store, text_fingerprint(fps), options)
+    shards = _RankShards(store, options, rank, created)
     extras = None
-    written = 0
-    packer = _Packer(writer)
-
-    def discard_run() -> None:
-        """Delete every shard and folder this rank wrote (the writers are closed or aborted)."""
-        for w in writers.values():
-            for shard in w.closed_shards:
-                (store / shard).unlink(missing_ok=True)
-        for folder in made:
-            shutil.rmtree(folder, ignore_errors=True)
-        if created is not None and rank == 0:
-            shutil.rmtree(created, ignore_errors=True)
-
-    def record(done: list[tuple[Any, dict[str, S.Location]]]) -> None:
-        nonlocal written
-        for (kind, key, tokens), locs in done:
-            if kind == "text":
-                new_texts[key] = [*_loc(locs[S.TEXT]), tokens]
-            else:
-                new_videos[key] = {m: _loc(loc) for m, loc in locs.items() if m != S.META}
-            written += 1
-            _test_kill(f"item:{written}")
-
     try:
-        if my_texts or extras_stale:
-            tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute).to(device)
-            for start in tqdm(range(0, len(my_texts), options.text_batch_size), desc="texts", unit="batch",
-                              disable=not options.progress or not my_texts):
-                keys = my_texts[start : start + options.text_batch_size]
-                embeds, tokens = encode_prompts(tokenizer, text_encoder, [plan.text_jobs[k] for k in keys],
-                                                settings.text_length, device)
-                for key, emb, n in zip(keys, embeds, tokens):
-                    record(packer.put(S.TEXT_BUCKET, key, ("text", key, n), {
-                        S.TEXT: {S.EMBEDDING: emb.to(storage)},
-                        S.META: json.dumps({"caption": plan.text_jobs[key], "tokens": n}).encode(),
-                    }))
-                result.encoded_texts += len(keys)
-            if extras_stale:
-                extras = _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, storage)
-            del text_encoder
-        if my_videos:
-            vae = model.load_vae(compute).to(device)
-            if options.vae_tiling:
-                vae.enable_tiling()
-            if options.vae_slicing:
-                vae.enable_slicing()
-            i2v = model.variant.task == "i2v"
-            for job, decoded in _decoded(my_videos, settings.resize, i2v, options):
-                if "error" in decoded:
-                    failures[job.key] = decoded["error"]
-                    if options.strict:
-                        raise CogtuneError(f"{decoded['error']} (--strict writes nothing)")
-                    continue
-                members = encode_video_item(vae, decoded, job, settings, device, compute, storage)
-                record(packer.put(job.bucket.name, job.key, ("video", job.key, 0), members))
-                result.encoded_videos += 1
-        record(packer.finish())
-        for w in writers.values():
-            w.close()
+        if texts or videos or extras_stale:
+            from . import compute as ops
+
+            device, compute = ops.compute_device(options.device, options.compute_dtype, local_rank)
+            where = (device, compute, parse_dtype(settings.dtype))
+            if texts or extras_stale:
+                extras = _texts_step(run, shards, plan, texts, extras_stale, text_fingerprint(fps), where, result)
+            if videos:
+                _videos_step(run, shards, videos, where, result)
+        shards.finish()
     except BaseException as e:
-        packer.cancel()  # the packing thread stops before the shards it writes to are dropped
-        for w in writers.values():
-            w.abort()
-        if options.strict:  # nothing of this run may remain
-            discard_run()
+        shards.abort()
         if isinstance(e, Exception) and is_write_failure(e):
             raise write_error(getattr(e, "filename", None) or store, e, "the store",
                               "free space, then run cogprep encode again (the store keeps its last commit, and "
                               "the shards finished before the failure are reused)") from None
         raise
+    shards.save_pending()
+    _commit_step(run, plan, fps, shards, extras, result)
+    result.seconds = time.time() - run.started
+    return result
 
-    pending = store / PENDING / f"{prefix}.json"
-    pending.parent.mkdir(parents=True, exist_ok=True)
-    S.atomic_write_text(pending, json.dumps({"texts": new_texts, "videos": new_videos, "failures": failures}))
+
+def _plan_step(run: _Run) -> tuple[Plan, dict[str, str]]:
+    """The plan and the model's component fingerprints; refuses a --strict run with bad items, a dataset with no
+    sample, and a disk without room for the work, before anything is written."""
+    store, options = run.store, run.options
+    hashes = FileHashes(store / CACHE_DIR / "files.json", rehash=options.rehash)
+    vae_fp, text_fp, fps = model_fingerprints(run.model, hashes)
+    plan = plan_encode(run.dataset, run.spec, run.settings, vae_fp, text_fp, store, hashes, run.model.variant.task,
+                       save_caches=False, progress=options.progress and dist_info()[0] == 0,
+                       journal_hashes=not options.strict)
+    if options.strict and plan.bad:
+        raise CogtuneError(f"{plan.bad[0].reason} (and {len(plan.bad) - 1} more bad items; --strict writes nothing)"
+                           if len(plan.bad) > 1 else f"{plan.bad[0].reason} (--strict writes nothing)")
+    if not plan.samples:
+        raise _nothing_to_encode(run.dataset, plan.bad)
+    needed, free = estimate_bytes(plan, run.model, run.settings), free_bytes(store)
+    if needed > free:
+        raise CogtuneError(f"{store}: this encode writes up to {human_bytes(needed)} ({len(plan.video_jobs)} clips, "
+                           f"{len(plan.text_jobs)} captions), the disk has {human_bytes(free)} free: free space, or "
+                           f"encode into a folder on another disk")
+    store.mkdir(parents=True, exist_ok=True)
+    if not options.strict:  # --strict writes nothing before it commits, not even the caches
+        plan.save_caches()
+    return plan, fps
+
+
+def _texts_step(run: _Run, shards: _RankShards, plan: Plan, keys: list[str], extras_stale: bool, text_fp: str,
+                where: tuple, result: EncodeResult) -> tuple[dict, dict] | None:
+    """Encode the captions `keys` with T5; with `extras_stale`, also the empty and validation prompts, returned
+    as extras.safetensors' (tensors, metadata) for the commit to write."""
+    from . import compute as ops
+
+    model, settings, options = run.model, run.settings, run.options
+    device, compute, storage = where
+    tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute, device)
+    for start in tqdm(range(0, len(keys), options.text_batch_size), desc="texts", unit="batch",
+                      disable=not options.progress or not keys):
+        batch = keys[start : start + options.text_batch_size]
+        embeds, tokens = ops.encode_prompts(tokenizer, text_encoder, [plan.text_jobs[k] for k in batch],
+                                            settings.text_length, device)
+        for key, emb, n in zip(batch, embeds, tokens):
+            shards.put(S.TEXT_BUCKET, key, ("text", key, n), {
+                S.TEXT: {S.EMBEDDING: emb.to(storage)},
+                S.META: json.dumps({"caption": plan.text_jobs[key], "tokens": n}).encode(),
+            })
+        result.encoded_texts += len(batch)
+    if not extras_stale:
+        return None
+    prompts, images = _validation_inputs(options)
+    tensors = ops.extras_tensors(tokenizer, text_encoder, settings.text_length, prompts, images, device, storage)
+    return tensors, {"inputs": _extras_inputs(text_fp, prompts, images), "validation_prompts": json.dumps(prompts)}
+
+
+def _videos_step(run: _Run, shards: _RankShards, jobs: list[VideoJob], where: tuple, result: EncodeResult) -> None:
+    """Decode `jobs` in the CPU workers and encode each clip with the VAE; a clip that fails to decode is
+    recorded (--strict: refused)."""
+    from . import compute as ops
+
+    model, settings, options = run.model, run.settings, run.options
+    device, compute, storage = where
+    vae = model.load_vae(compute, device)
+    if options.vae_tiling:
+        vae.enable_tiling()
+    if options.vae_slicing:
+        vae.enable_slicing()
+    i2v = model.variant.task == "i2v"
+    for job, decoded in ops.decoded(jobs, settings.resize, i2v, options.workers, options.progress):
+        if "error" in decoded:
+            shards.failures[job.key] = decoded["error"]
+            if options.strict:
+                raise CogtuneError(f"{decoded['error']} (--strict writes nothing)")
+            continue
+        members = ops.encode_video_item(vae, decoded, job, settings, device, compute, storage)
+        shards.put(job.bucket.name, job.key, ("video", job.key, 0), members)
+        result.encoded_videos += 1
+
+
+def _commit_step(run: _Run, plan: Plan, fps: dict[str, str], shards: _RankShards, extras: tuple | None,
+                 result: EncodeResult) -> None:
+    """Once every rank has written its list: refuse a run whose every clip failed (all ranks together), else
+    rank 0 writes the extras, the index, the manifest and the report."""
+    rank, world, _ = dist_info()
+    store = run.store
     _barrier(world)
     lists = _pending_lists(store)
     failed = {key: reason for data in lists for key, reason in data["failures"].items()}
@@ -279,56 +308,85 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
         # Every clip failed to decode: a commit would replace the store with an empty one. Every rank read the
         # same lists, so all refuse together; rank 0 removes the lists once all have read them.
         _barrier(world)
-        discard_run()
+        shards.discard()
         if rank == 0:
             shutil.rmtree(store / PENDING, ignore_errors=True)
         skipped = {sample["source"]: failed[sample["video_key"]] for sample in plan.samples}
-        raise _nothing_to_encode(dataset, [*plan.bad, *(BadItem(s, r) for s, r in skipped.items())])
+        raise _nothing_to_encode(run.dataset, [*plan.bad, *(BadItem(s, r) for s, r in skipped.items())])
     if rank == 0:
         if extras is not None:
             S.write_extras(store, *extras)
-        if options.strict:
+        if run.options.strict:
             plan.save_caches()
-        _commit(store, model, plan, settings, spec, fps, dataset_info, lists, result)
-        result.seconds = time.time() - started
+        _commit(run, plan, fps, lists, result)
+        result.seconds = time.time() - run.started
         _write_report(store, result)
     _barrier(world)
-    result.seconds = time.time() - started
-    return result
 
 
-def encode_prompts(tokenizer, text_encoder, captions: list[str], max_length: int, device) -> tuple[list, list[int]]:
-    """T5 embeddings exactly as the pipeline's ``_get_t5_prompt_embeds`` makes them (padded to `max_length`,
-    no attention mask), and each caption's true token count."""
-    inputs = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_tensors="pt")
-    import torch
+class _RankShards:
+    """What this rank writes: shards per bucket, filled by a packing thread, and the list of the items written
+    and the clips that failed to decode, which rank 0's commit merges (`_pending_lists`)."""
 
-    with torch.no_grad():
-        embeds = text_encoder(inputs.input_ids.to(device))[0]
-    return list(embeds.float().cpu()), [int(n) for n in inputs.attention_mask.sum(1)]
+    def __init__(self, store: Path, options: RunOptions, rank: int, created: Path | None):
+        self.store, self.options, self.rank, self.created = store, options, rank, created
+        self.prefix = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}-r{rank}"
+        self.writers: dict[str, S.ShardWriter] = {}
+        self.made: list[Path] = []  # shard folders this run created
+        self.texts: dict[str, list] = {}
+        self.videos: dict[str, dict[str, list]] = {}
+        self.failures: dict[str, str] = {}
+        self.written = 0
+        self.packer = _Packer(self.writer)
 
+    def writer(self, bucket: str) -> S.ShardWriter:
+        if bucket not in self.writers:
+            missing = _first_missing(self.store / S.SHARDS / bucket)
+            if missing is not None:
+                self.made.append(missing)
+            self.writers[bucket] = S.ShardWriter(self.store, bucket, self.prefix, self.options.shard_max_bytes,
+                                                 self.options.shard_max_items)
+        return self.writers[bucket]
 
-def encode_video_item(vae, decoded: dict, job: VideoJob, settings: EncodeSettings, device, compute, storage):
-    """The members of one video item, tensors on the CPU (packed by `_Packer`): posterior mean and logvar of
-    the clip, and the I2V image latents."""
-    import torch
+    def put(self, bucket: str, key: str, tag: tuple, members: dict[str, Any]) -> None:
+        self._record(self.packer.put(bucket, key, tag, members))
 
-    frames = decoded["frames"]  # uint8 [F, H, W, 3]
-    x = frames.permute(3, 0, 1, 2).unsqueeze(0).to(device, compute) / 127.5 - 1.0
-    with torch.no_grad():
-        posterior = vae.encode(x).latent_dist
-    check_latent_shape(vae, tuple(frames.shape[:3]), tuple(posterior.mean.shape[2:]), job.path)
-    members: dict[str, Any] = {
-        S.LATENT: {S.MEAN: posterior.mean[0].to(storage).cpu(), S.LOGVAR: posterior.logvar[0].to(storage).cpu()},
-        S.META: json.dumps({"source": str(job.path), "bucket": job.bucket.name, "clip_start": job.window.start,
-                            "clip_step": job.window.stride}).encode(),
-    }
-    if settings.image_noise_variants > 0:
-        members[S.IMAGE] = encode_image_variants(vae, decoded["image"], job.key, settings, device, compute, storage)
-        image = decoded["image"]  # uint8 [H, W, 3]
-        check_latent_shape(vae, (1, *image.shape[:2]), tuple(members[S.IMAGE][S.CLEAN].shape[1:]), job.path)
-    return members
+    def finish(self) -> None:
+        self._record(self.packer.finish())
+        for w in self.writers.values():
+            w.close()
+
+    def abort(self) -> None:
+        self.packer.cancel()  # the packing thread stops before the shards it writes to are dropped
+        for w in self.writers.values():
+            w.abort()
+        if self.options.strict:  # nothing of this run may remain
+            self.discard()
+
+    def discard(self) -> None:
+        """Delete every shard and folder this rank wrote (the writers are closed or aborted)."""
+        for w in self.writers.values():
+            for shard in w.closed_shards:
+                (self.store / shard).unlink(missing_ok=True)
+        for folder in self.made:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self.created is not None and self.rank == 0:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+    def save_pending(self) -> None:
+        pending = self.store / PENDING / f"{self.prefix}.json"
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        S.atomic_write_text(pending, json.dumps({"texts": self.texts, "videos": self.videos,
+                                                 "failures": self.failures}))
+
+    def _record(self, done: list[tuple[Any, dict[str, S.Location]]]) -> None:
+        for (kind, key, tokens), locs in done:
+            if kind == "text":
+                self.texts[key] = [*_loc(locs[S.TEXT]), tokens]
+            else:
+                self.videos[key] = {m: _loc(loc) for m, loc in locs.items() if m != S.META}
+            self.written += 1
+            _test_kill(f"item:{self.written}")
 
 
 TAR_OVERHEAD = 2048
@@ -361,34 +419,6 @@ def latent_grid(vae_config, pixels: tuple[int, int, int]) -> tuple[int, int, int
     spatial = 2 ** (len(vae_config["block_out_channels"]) - 1)
     frames, height, width = pixels
     return (frames - 1) // temporal + 1, height // spatial, width // spatial
-
-
-def check_latent_shape(vae, pixels: tuple[int, int, int], latents: tuple[int, ...], source: Path) -> None:
-    """The VAE must give (F-1)/4+1 latent frames of H/8 x W/8 for F x H x W pixels, as the pipelines assume.
-    Its tiled encode can miss by a row or column (seen with small tile sizes): refuse before caching that."""
-    expected = latent_grid(vae.config, pixels)
-    if latents != expected:
-        hint = ": encode without --vae-tiling" if getattr(vae, "use_tiling", False) else ""
-        raise CogtuneError(f"{source}: the VAE gave latents of {'x'.join(map(str, latents))} for "
-                           f"{'x'.join(map(str, pixels))} pixels, expected {'x'.join(map(str, expected))}{hint}")
-
-
-def encode_image_variants(vae, image: torch.Tensor, key: str, settings: EncodeSettings, device, compute, storage):
-    """The I2V conditioning image, VAE-encoded as a 1-frame video: the clean posterior mean, and K encodings of
-    the image with pixel-space noise sigma = exp(N(-3, 0.5)) (the augmentation the trainer draws from)."""
-    import torch
-
-    k = settings.image_noise_variants
-    gen = torch.Generator().manual_seed((int(key[:15], 16) + settings.seed) % (2**63))
-    pixels = image.permute(2, 0, 1).float() / 127.5 - 1.0  # [3, H, W]
-    sigma = torch.exp(torch.randn(k, generator=gen) * 0.5 - 3.0)
-    noisy = pixels[None] + sigma[:, None, None, None] * torch.randn((k, *pixels.shape), generator=gen)
-    batch = torch.cat([pixels[None], noisy]).unsqueeze(2).to(device, compute)  # [K+1, 3, 1, H, W]
-    with torch.no_grad():
-        posterior = vae.encode(batch).latent_dist
-        samples = posterior.sample(generator=gen)
-    return {S.CLEAN: posterior.mean[0].to(storage).cpu(), S.NOISY: samples[1:].to(storage).cpu(),
-            S.SIGMA: sigma.float()}
 
 
 class _Packer:
@@ -424,48 +454,6 @@ class _Packer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _DecodeJobs:
-    """Decode + resize in DataLoader workers. A damaged or unreadable file comes back as an error string; any
-    other exception is a bug and propagates (from a worker process the DataLoader raises it again here)."""
-
-    def __init__(self, jobs: list[VideoJob], resize: str, i2v: bool):
-        self.jobs, self.resize, self.i2v = jobs, resize, i2v
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, i: int) -> dict:
-        import torch
-
-        job = self.jobs[i]
-        b = job.bucket
-        try:
-            frames = resize_to_bucket(read_frames(job.path, job.window.indices), b.height, b.width, self.resize)
-            out = {"index": i, "frames": torch.from_numpy(frames)}
-            if self.i2v:
-                first = read_frames(job.image, [0]) if job.image is not None else frames[:1]
-                out["image"] = torch.from_numpy(resize_to_bucket(first, b.height, b.width, self.resize)[0])
-            return out
-        except INPUT_ERRORS as e:
-            text = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return {"index": i, "error": text if str(job.path) in text else f"{job.path}: {text}"}
-
-
-def _keep(x):
-    return x
-
-
-def _decoded(jobs: list[VideoJob], resize: str, i2v: bool, options: RunOptions):
-    import torch
-
-    loader = torch.utils.data.DataLoader(
-        _DecodeJobs(jobs, resize, i2v), batch_size=None, shuffle=False, num_workers=options.workers,
-        collate_fn=_keep, prefetch_factor=4 if options.workers else None, persistent_workers=False,
-    )
-    for decoded in tqdm(loader, total=len(jobs), desc="clips", unit="clip", disable=not options.progress):
-        yield jobs[decoded["index"]], decoded
-
-
 def _first_missing(path: Path) -> Path | None:
     """The topmost folder of `path` (itself included) that does not exist yet; None where `path` exists."""
     missing = None
@@ -474,19 +462,6 @@ def _first_missing(path: Path) -> Path | None:
             break
         missing = folder
     return missing
-
-
-def _compute_device(options: RunOptions, local_rank: int) -> tuple[torch.device, torch.dtype]:
-    """Where and in what dtype the VAE and T5 run: ``auto`` is cuda:LOCAL_RANK in bfloat16, else cpu in float32."""
-    import torch
-
-    if options.device == "auto":
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(options.device)
-    if options.compute_dtype != "auto":
-        return device, parse_dtype(options.compute_dtype)
-    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def _loc(loc: S.Location) -> list:
@@ -528,24 +503,12 @@ def _extras_stale(store: Path, text_fp: str, options: RunOptions) -> bool:
     meta = S.read_extras_metadata(store)
     if meta is None:
         return True
-    want = hash_json([text_fp, prompts, [str(p) for p in images]])
-    return meta.get("inputs") != want
+    return meta.get("inputs") != _extras_inputs(text_fp, prompts, images)
 
 
-def _make_extras(tokenizer, text_encoder, settings, text_fp, options, device, storage):
-    """extras.safetensors' tensors and metadata (written once every shard of the run is closed)."""
-    import torch
-
-    prompts, images = _validation_inputs(options)
-    embeds, _ = encode_prompts(tokenizer, text_encoder, [""] + prompts, settings.text_length, device)
-    tensors = {"empty_embedding": embeds[0].to(storage)}
-    for i, e in enumerate(embeds[1:]):
-        tensors[f"validation_embedding_{i}"] = e.to(storage)
-    for i, p in enumerate(images):
-        tensors[f"validation_image_{i}"] = torch.from_numpy(read_frames(p, [0])[0].copy())
-    meta = {"inputs": hash_json([text_fp, prompts, [str(p) for p in images]]),
-            "validation_prompts": json.dumps(prompts)}
-    return tensors, meta
+def _extras_inputs(text_fp: str, prompts: list[str], images: list[Path]) -> str:
+    """What the extras are made from, as recorded in their metadata: a change of any makes them stale."""
+    return hash_json([text_fp, prompts, [str(p) for p in images]])
 
 
 def _pending_lists(store: Path) -> list[dict[str, Any]]:
@@ -561,11 +524,27 @@ def _nothing_to_encode(dataset: Dataset, skipped: list[BadItem]) -> CogtuneError
                         f"(first: {skipped[0].reason})")
 
 
-def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spec: BucketSpec,
-            fps: dict[str, str], dataset_info: dict[str, Any], lists: list[dict[str, Any]],
-            result: EncodeResult) -> None:
+def _commit(run: _Run, plan: Plan, fps: dict[str, str], lists: list[dict[str, Any]], result: EncodeResult) -> None:
     """Rank 0: merge every rank's new items (`lists`, see `_pending_lists`) with the known ones, write the index
-    (the commit), the manifest."""
+    (the commit) and the manifest, unless the store already holds exactly these (a no-op encode writes neither)."""
+    store = run.store
+    rows, result.skipped = _merge_rows(plan, lists, result)
+    manifest = _manifest(run, fps, rows)
+    # compared only where the plan and the ranks found nothing to do: elsewhere the index surely changes
+    nothing_new = not plan.stale and not (result.encoded_videos or result.encoded_texts)
+    if not (nothing_new and _already_committed(store, rows, manifest)):
+        S.write_index(store, rows, manifest)  # the commit point: rows and manifest together
+        _test_kill("index")
+        # the plan re-encoded what cogprep verify found damaged: the new index points at none of it
+        S.write_damaged(store, {}, [])
+        S.atomic_write_text(store / S.STORE_JSON, manifest.to_json())  # the readable copy
+    shutil.rmtree(store / PENDING, ignore_errors=True)
+    result.samples = len(rows)
+
+
+def _merge_rows(plan: Plan, lists: list[dict[str, Any]], result: EncodeResult) -> tuple[list[dict], list[BadItem]]:
+    """The index rows of every sample whose clip encoded (or was cached), and the skipped sources; counts every
+    rank's work into `result`."""
     videos = dict(plan.video_locations)
     texts = dict(plan.text_locations)
     failures: dict[str, str] = {}
@@ -590,30 +569,44 @@ def _commit(store: Path, model: Model, plan: Plan, settings: EncodeSettings, spe
             continue
         text_loc, tokens = texts[sample["text_key"]]
         rows.append({**sample, **S.location_columns(videos[vkey], text_loc), "text_tokens": tokens})
+    return rows, skipped
+
+
+def _manifest(run: _Run, fps: dict[str, str], rows: list[dict[str, Any]]) -> S.Manifest:
+    model = run.model
     counts = Counter(r["bucket"] for r in rows)
     buckets = []
     for name in sorted(counts):
         f, h, w = (int(x) for x in name.split("x"))
         buckets.append({"name": name, "frames": f, "height": h, "width": w,
-                        "batch_size": spec.batch_size_for(Bucket(f, h, w)), "samples": counts[name]})
-    manifest = S.Manifest(
+                        "batch_size": run.spec.batch_size_for(Bucket(f, h, w)), "samples": counts[name]})
+    return S.Manifest(
         model={"source": model.source, "path": str(model.path), "variant": model.variant.name, "fingerprints": fps,
                "configs": model.config_fingerprint(("vae", "text_encoder")),
                # what cogtrain checks the model's weights against: `fps` would make it read every byte
                "weights_identity": model.weights_identity(("vae", "text_encoder"))},
-        settings=settings.to_json(),
-        dataset=dataset_info,
+        settings=run.settings.to_json(),
+        dataset=run.dataset_info,
         buckets=buckets,
         software=software_versions(),
     )
-    S.write_index(store, rows, manifest)  # the commit point: rows and manifest together
-    _test_kill("index")
-    # the plan re-encoded what cogprep verify found damaged: the new index points at none of it
-    S.write_damaged(store, {}, [])
-    S.atomic_write_text(store / S.STORE_JSON, manifest.to_json())  # the readable copy
-    shutil.rmtree(store / PENDING, ignore_errors=True)
-    result.samples = len(rows)
-    result.skipped = skipped
+
+
+UNCOMPARED = ("updated", "software")
+"""Manifest fields a commit of nothing new leaves as they were: its time, and the versions of the software that
+encoded the items, which this run did not."""
+
+
+def _already_committed(store: Path, rows: list[dict[str, Any]], manifest: S.Manifest) -> bool:
+    """Whether the store's committed index and manifest are `rows` and `manifest` already (no item encoded, none
+    removed, no setting or recorded path changed) and no damage is recorded: then nothing needs rewriting."""
+    if not (store / S.INDEX).exists() or (store / S.DAMAGED).exists():
+        return False
+
+    def compared(m: S.Manifest) -> dict[str, Any]:
+        return {k: v for k, v in json.loads(m.to_json()).items() if k not in UNCOMPARED}
+
+    return compared(S.Manifest.load(store)) == compared(manifest) and S.index_holds(store, rows)
 
 
 def _write_report(store: Path, result: EncodeResult) -> None:

@@ -9,7 +9,7 @@ upsampled (s is at least `stride`), since repeated frames would teach the model 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -30,16 +30,16 @@ class FrameSampling:
     """How clips are cut from a source video (the cogprep frame options)."""
 
     fps: float | None = None
-    """Target frame rate to resample to; None keeps the source's rate."""
-    stride: int = 1
-    """Take every stride-th frame (after resampling)."""
-    skip_start: float = 0.0
-    """Seconds ignored at the start (intros, fades)."""
-    skip_end: float = 0.0
-    """Seconds ignored at the end (outros, credits)."""
+    """Target frame rate to resample to; None keeps the source's rate (cogprep's --fps: see `sampling_fps`)."""
+    stride: int = field(default=1, metadata={"option": {"min": 1}})
+    """Take every N-th frame (after fps resampling)."""
+    skip_start: float = field(default=0.0, metadata={"option": {"min": 0.0}})
+    """Seconds to skip at the start of each video (intros, fades)."""
+    skip_end: float = field(default=0.0, metadata={"option": {"min": 0.0}})
+    """Seconds to skip at the end of each video (outros, credits)."""
     clips: str = "head"
-    """``head``: one clip from the start; ``uniform:K``: K clips spread evenly over the video;
-    ``sliding:S``: clips every S clip frames (S = the clip length gives back-to-back clips)."""
+    """Clips per video: head (one clip from the start), uniform:K (K clips spread evenly over the video) or
+    sliding:S (a clip every S clip frames; S = the clip length gives back-to-back clips)."""
 
     def __post_init__(self) -> None:
         # Refuse bad settings when they are given, not at the first video.

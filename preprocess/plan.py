@@ -17,7 +17,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
@@ -28,7 +28,7 @@ from ..shared.store import CACHE_DIR
 from ..shared.variants import get_variant
 from ..shared.video import read_video_info
 from .datasets import BadItem, Dataset, DatasetItem, read_dataset
-from .frames import ClipWindow, FrameSampling, plan_clips, usable_frames
+from .frames import ClipWindow, FrameSampling, ResizeMode, plan_clips, usable_frames
 
 INPUT_ERRORS = (CogtuneError, OSError)
 """What a damaged, missing or unreadable input file raises (shared/video.py turns every decoder error into a
@@ -58,6 +58,10 @@ SKIP_KINDS = (
 """How the cogprep summary and report.json name each kind of skipped item."""
 
 
+StorageDtype = Literal["bfloat16", "float16", "float32"]
+"""The dtypes a store keeps latents and embeddings in."""
+
+
 def skip_kind(reason: str) -> str:
     """The kind of bad item a skip `reason` describes, in words ("corrupt or truncated video"); "dataset entry"
     for the rest (a malformed JSON or CSV entry, an empty or undecodable path)."""
@@ -74,15 +78,18 @@ class EncodeSettings:
     buckets: dict[str, Any]
     """The bucket spec as given (file contents or --resolution), normalised to JSON."""
     sampling: FrameSampling
-    resize: str = "crop"
-    """``crop``: cover then centre crop (keeps aspect); ``stretch``: plain resize."""
-    dtype: str = "bfloat16"
+    """How clips are cut from each video."""
+    resize: ResizeMode = "crop"
+    """crop: cover then centre crop (keeps aspect); stretch: plain resize."""
+    dtype: StorageDtype = "bfloat16"
     """Storage dtype of latents and embeddings."""
-    image_noise_variants: int = 0
-    """I2V: noise-augmented encodings of the conditioning image cached per clip (0 for T2V models)."""
-    seed: int = 0
-    """Seeds the I2V noise augmentation (per item, from its key)."""
+    image_noise_variants: int = field(default=4, metadata={"option": {"min": 0}})
+    """I2V: noise-augmented encodings of the conditioning image cached per clip (none for text-to-video
+    models)."""
+    seed: int = field(default=0, metadata={"option": {"min": 0}})
+    """Seed of the I2V noise augmentation (drawn per item, from its key)."""
     text_length: int = 226
+    """Tokens every caption is padded or cut to: the transformer's max_text_seq_length."""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -247,11 +254,15 @@ def plan_encode(
     hashes: FileHashes,
     task: str,
     save_caches: bool = True,
+    progress: bool = False,
+    journal_hashes: bool = False,
 ) -> Plan:
     """Compare the dataset as it is now with the store and list the work. Reads no video that it knows.
 
     `task` is the model's (``t2v`` or ``i2v``): an image-to-video model skips image entries. With `save_caches`
-    False nothing is written (the caller calls `Plan.save_caches` when it may write)."""
+    False nothing is written (the caller calls `Plan.save_caches` when it may write), except, with
+    `journal_hashes`, the hash journal (see `FileHashes.hash_files`), so a run killed while hashing the files
+    of a first encode hashes none of them again. `progress`: a progress bar over that hashing."""
     probes = ProbeCache(Path(store) / CACHE_DIR / "probe.json")
     bad = list(dataset.bad)
     samples: list[dict[str, Any]] = []
@@ -263,6 +274,10 @@ def plan_encode(
     index = S.read_index_columns(store, ("key", "source", *KnownItems.LOCATION_COLUMNS))
     damaged = set(S.read_damaged(store))  # found by cogprep verify: cached, but not reusable
     known = _known_items(store, index, damaged)
+    # the files the cache cannot vouch for (all of them, the first time) are hashed first, on threads
+    hashes.hash_files(((str(item.path), item.stat) for item in dataset.items
+                       if item.stat is not None and not (item.kind == "image" and task == "i2v")),
+                      progress=progress, journal=journal_hashes)
     for item in dataset.items:
         if item.kind == "image" and task == "i2v":
             # An I2V sample is conditioned on its first frame: a 1-frame sample would be conditioned on itself

@@ -2,7 +2,7 @@
 `cogprep verify`, each against a baseline measured in the same run.
 
     python scripts/bench_faults.py [--samples 1000000] [--shards 1000] [--verify-samples 300]
-                                   [--latent 16x13x30x45] [--json-out bench.json]
+                                   [--latent 16x13x30x45] [--workers 1,2] [--json-out bench.json]
 
 (a) start-up check: an index of N samples spread over S video shards and S/10 text shards (sparse files of the
     length the index needs), loaded as the trainer loads it (`IndexColumns`) and checked (`check_shards`: one
@@ -13,8 +13,12 @@
     shard bytes, against reading the same files plainly, sequentially, in this run. Both read after the page
     cache is dropped where this process may drop it (root, not in every container): the JSON says whether it was.
     Target: verify within 2x of the plain read (the disk's speed). Verify must inflate every member to check its
-    CRC, so it is also bound by the CPU: the table shows gunzip alone on one core, from memory, as the ceiling
-    each core gives (verify reads shards on min(8, cores) threads).
+    CRC, so it is bound by the CPU: it runs once per --workers count, and for each the table gives its MB/s, the
+    cores it kept busy (CPU seconds of all its threads over wall seconds: near the worker count when its threads
+    really run in parallel, near 1 if the GIL serialised them) and its MB per CPU second, the rate one core
+    gives, which other jobs on the machine do not change. From that rate: the cores verify needs to read at the
+    plain read's speed here, and at a few common disks' speeds. gunzip alone on one core, from memory, is the
+    ceiling beside it.
 Prints a table, then the results as JSON.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verify-samples", type=int, default=300, help="samples of the store verify reads")
     parser.add_argument("--latent", default="16x13x30x45", help="latent shape C x F x H x W of those samples")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each measure (the median is kept)")
+    parser.add_argument("--workers", default="1,2",
+                        help="comma-separated worker counts verify is measured with (default 1,2)")
     parser.add_argument("--json-out", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             "settings": vars(args) | {"json_out": str(args.json_out) if args.json_out else None},
             "a_startup_check": measure_startup_check(Path(tmp) / "large", args.samples, args.shards, args.rounds),
             "b_verify": measure_verify(Path(tmp) / "verify", args.verify_samples,
-                                       tuple(int(x) for x in args.latent.split("x")), args.rounds),
+                                       tuple(int(x) for x in args.latent.split("x")), args.rounds,
+                                       [int(n) for n in args.workers.split(",")]),
         }
     results["pass"] = {
         "startup_check": results["a_startup_check"]["check_s"] < TARGET_CHECK_SECONDS,
@@ -186,26 +194,50 @@ def inflate_only(store: Path) -> float:
     return time.perf_counter() - started
 
 
-def measure_verify(store: Path, samples: int, latent: tuple[int, ...], rounds: int) -> dict:
+DISK_MB_S = {"a SATA SSD (500 MB/s)": 500, "a PCIe 3 NVMe (3,000 MB/s)": 3000, "a PCIe 4 NVMe (7,000 MB/s)": 7000}
+"""Sequential read speeds of common disks, in MB/s: what the cores-needed projection is given for."""
+
+
+def timed_verify(store: Path, workers: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all this process's threads) of one verify of `store` from a cold cache."""
+    started, cpu = time.perf_counter(), time.process_time()
+    result = verify_store(store, workers=workers, progress=False)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert not result.damaged_items, result.damaged_items
+    return wall, cpu
+
+
+def measure_verify(store: Path, samples: int, latent: tuple[int, ...], rounds: int, workers: list[int]) -> dict:
     write_store(store, samples, latent)
-    shard_bytes = sum(p.stat().st_size for p in (store / S.SHARDS).rglob("*.tar"))
+    shard_mb = sum(p.stat().st_size for p in (store / S.SHARDS).rglob("*.tar")) / 2**20
+    members = len(S.read_index(store)) * 2
     inflate_s = statistics.median(inflate_only(store) for _ in range(rounds))
-    plain, checked, dropped = [], [], True
-    for _ in range(rounds):
+    plain, runs, dropped = [], {n: [] for n in workers}, True
+    for _ in range(rounds):  # interleaved, so that a change in the machine's load touches every measure alike
         dropped &= drop_page_cache()
         started = time.perf_counter()
         plain_read(store)
         plain.append(time.perf_counter() - started)
-        dropped &= drop_page_cache()
-        started = time.perf_counter()
-        result = verify_store(store, progress=False)
-        checked.append(time.perf_counter() - started)
-        assert not result.damaged_items, result.damaged_items
-    plain_s, verify_s = statistics.median(plain), statistics.median(checked)
-    return {"samples": samples, "members": result.members, "shard_mb": shard_bytes / 2**20,
-            "plain_read_mb_s": shard_bytes / 2**20 / plain_s, "verify_mb_s": shard_bytes / 2**20 / verify_s,
-            "slowdown_vs_plain_read": verify_s / plain_s, "page_cache_dropped": dropped, "cores": os.cpu_count(),
-            "inflate_one_core_mb_s": shard_bytes / 2**20 / inflate_s}
+        for n in workers:
+            dropped &= drop_page_cache()
+            runs[n].append(timed_verify(store, n))
+    plain_s = statistics.median(plain)
+    by_workers = {}
+    for n, measured in runs.items():
+        wall = statistics.median(w for w, _ in measured)
+        cpu = statistics.median(c for _, c in measured)
+        by_workers[str(n)] = {"mb_s": shard_mb / wall, "cores_busy": cpu / wall, "mb_per_cpu_s": shard_mb / cpu,
+                              "slowdown_vs_plain_read": wall / plain_s}
+    most = by_workers[str(max(workers))]
+    per_core = statistics.median(w["mb_per_cpu_s"] for w in by_workers.values())
+    plain_mb_s = shard_mb / plain_s
+    return {"samples": samples, "members": members, "shard_mb": shard_mb, "plain_read_mb_s": plain_mb_s,
+            "by_workers": by_workers, "verify_mb_s": most["mb_s"],
+            "slowdown_vs_plain_read": most["slowdown_vs_plain_read"], "verify_mb_per_core_s": per_core,
+            "cores_for_disk_speed": {"the plain read here": math.ceil(plain_mb_s / per_core)}
+            | {name: math.ceil(speed / per_core) for name, speed in DISK_MB_S.items()},
+            "page_cache_dropped": dropped, "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+            "inflate_one_core_mb_s": shard_mb / inflate_s}
 
 
 def print_table(results: dict) -> None:
@@ -214,12 +246,17 @@ def print_table(results: dict) -> None:
         (f"start-up shard check, {a['samples']:,} samples / {a['shards']} shards", f"{a['check_s']:.3f} s",
          f"< {TARGET_CHECK_SECONDS} s", "PASS" if passed["startup_check"] else "FAIL"),
         ("  (the index load it comes with)", f"{a['index_load_s']:.3f} s", "", ""),
-        (f"verify, {b['samples']} samples ({b['shard_mb']:.0f} MB of shards)", f"{b['verify_mb_s']:.0f} MB/s", "", ""),
-        ("plain sequential read of the same shards", f"{b['plain_read_mb_s']:.0f} MB/s", "", ""),
-        (f"gunzip alone, one core (the CPU's share; {b['cores']} cores here)", f"{b['inflate_one_core_mb_s']:.0f} MB/s",
-         "", ""),
-        ("verify time / plain read time", f"{b['slowdown_vs_plain_read']:.2f}",
+        ("plain sequential read of the verified shards", f"{b['plain_read_mb_s']:.0f} MB/s", "", ""),
+        *[(f"verify, {b['samples']} samples ({b['shard_mb']:.0f} MB), {n} worker{'s' * (n != '1')}: MB/s, "
+           f"cores busy, MB per CPU s", f"{w['mb_s']:.0f} MB/s", f"{w['cores_busy']:.2f}",
+           f"{w['mb_per_cpu_s']:.0f}") for n, w in b["by_workers"].items()],
+        (f"gunzip alone, one core, from memory ({b['cores']} cores here, load {b['load_average_1min']:.1f})",
+         f"{b['inflate_one_core_mb_s']:.0f} MB/s", "", ""),
+        ("verify time / plain read time, most workers", f"{b['slowdown_vs_plain_read']:.2f}",
          f"<= {TARGET_VERIFY_SLOWDOWN}", "PASS" if passed["verify"] else "FAIL"),
+        *[(f"cores verify needs to keep up with {disk} at {b['verify_mb_per_core_s']:.0f} MB/s a core", str(cores),
+           "", "")
+          for disk, cores in b["cores_for_disk_speed"].items()],
         ("page cache dropped before each read", str(b["page_cache_dropped"]), "", ""),
     ]
     width = max(len(r[0]) for r in rows)

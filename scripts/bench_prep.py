@@ -16,6 +16,12 @@ Everything is measured in one run on generated data, nothing is assumed:
       model as encoded, and for CogVideoX-5b at 49x480x720 (text dim 4096) from the store's measured overhead
       and gzip ratios (see `bytes_per_sample`).
 Prints a table with targets and PASS/FAIL, then the results as JSON.
+
+    python scripts/bench_prep.py real-size [--device cuda|cpu] [--vae-clip FxHxW] [--t5-layers K] ...
+
+measures the real VAE and T5-XXL architectures instead (random weights): a 49x480x720 and an 81x768x1360 clip
+encoded, a 226-token caption embedded, peak memory, clips per minute (scripts/bench_prep_real.py; its --help
+lists its options).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 import cogtune
 import numpy as np
 import torch
+from cogtune.preprocess import compute as ops
 from cogtune.preprocess import encode as E
 from cogtune.preprocess.cli import app
 from cogtune.preprocess.datasets import read_dataset
@@ -66,7 +73,13 @@ DIRECTIONS = ("left", "right", "up", "down")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["real-size"]:
+        import bench_prep_real  # beside this script: on sys.path when it runs
+
+        return bench_prep_real.main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="bench_prep.py real-size --help: the real-size models' options")
     parser.add_argument("--clips", type=int, default=6, help="clips of the throughput dataset (default 6)")
     parser.add_argument("--frames", type=int, default=49, help="bucket frames (8N+1, default 49)")
     parser.add_argument("--height", type=int, default=128, help="bucket height (default 128)")
@@ -221,7 +234,7 @@ def timed(fn) -> float:
 def timed_with_decode_waits(fn) -> tuple[float, float]:
     """(seconds `fn` takes, seconds of it the encoder spent waiting for the decode workers' next clip)."""
     waited = 0.0
-    decoded = E._decoded
+    decoded = ops.decoded
 
     def waiting(*args, **kwargs):
         nonlocal waited
@@ -234,11 +247,11 @@ def timed_with_decode_waits(fn) -> tuple[float, float]:
                 return
             yield item
 
-    E._decoded = waiting  # run_encode looks the stage up in its module at call time
+    ops.decoded = waiting  # the encode looks the stage up in its module at call time
     try:
         return timed(fn), waited
     finally:
-        E._decoded = decoded
+        ops.decoded = decoded
 
 
 def stage_times(model_path: Path, data: Path, store: Path, empty: Path, workers: int) -> tuple[float, float, float]:
@@ -259,23 +272,23 @@ def stage_times(model_path: Path, data: Path, store: Path, empty: Path, workers:
 
     decoded = {}
     start = time.perf_counter()
-    for job, item in E._decoded(jobs, settings.resize, False, options):
+    for job, item in ops.decoded(jobs, settings.resize, False, options.workers, options.progress):
         decoded[job.key] = item
     decode_s = time.perf_counter() - start
 
-    device, compute = E._compute_device(options, 0)  # as the encode picks them
-    vae = model.load_vae(compute).to(device)
-    tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute).to(device)
+    device, compute = ops.compute_device(options.device, options.compute_dtype, 0)  # as the encode picks them
+    vae = model.load_vae(compute, device)
+    tokenizer, text_encoder = model.load_tokenizer(), model.load_text_encoder(compute, device)
     captions = list(plan.text_jobs.values())
     storage = parse_dtype(settings.dtype)
     start = time.perf_counter()
     items = []
     for at in range(0, len(captions), options.text_batch_size):
-        embeds, _ = E.encode_prompts(tokenizer, text_encoder, captions[at : at + options.text_batch_size],
-                                     settings.text_length, device)
+        embeds, _ = ops.encode_prompts(tokenizer, text_encoder, captions[at : at + options.text_batch_size],
+                                       settings.text_length, device)
         items += [{S.EMBEDDING: e.to(storage)} for e in embeds]
     for job in jobs:
-        members = E.encode_video_item(vae, decoded[job.key], job, settings, device, compute, storage)
+        members = ops.encode_video_item(vae, decoded[job.key], job, settings, device, compute, storage)
         items += [m for m in members.values() if not isinstance(m, bytes)]
     encode_s = time.perf_counter() - start
     start = time.perf_counter()

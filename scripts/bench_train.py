@@ -4,7 +4,7 @@
         [--mode lora|sft] [--rank 128] [--optimizer adamw|adamw8bit] [--base-weights bf16|fp8] [--compile]
         [--frames F --height H --width W] [--batch-size 1] [--steps 20] [--warmup 3] [--rounds 2]
         [--variants bare,cogtrain,baseline] [--no-gradient-checkpointing] [--offload-checkpoints]
-        [--mixed-precision bf16] [--json PATH] [--work DIR] [--dry-run]
+        [--mixed-precision bf16] [--json PATH] [--work DIR] [--dry-run] [--sp-degree N]
 
 Three variants on the same model, the same shapes and the same seed, each run in a fresh subprocess (so that
 their memory peaks do not mix), round after round (so that a slow spell of a shared machine hits all of them):
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from cogtune.preprocess.cli import app as cogprep_app
-from cogtune.preprocess.encode import encode_prompts
+from cogtune.preprocess.compute import encode_prompts
 from cogtune.shared import store as S
 from cogtune.shared.models import Model, open_model
 from cogtune.shared.variants import get_variant
@@ -70,6 +70,7 @@ from cogtune.train.checks import check_run
 from cogtune.train.compile import compile_blocks
 from cogtune.train.config import TrainConfig
 from cogtune.train.math import TrainBatch, ofs_tensor, padded_frame_count, rotary_embeddings, training_step
+from cogtune.train.sequence_parallel import Layout, SequenceParallel, check_degree
 from cogtune.train.trainer import (
     CUDA_ALLOCATOR,
     WEIGHT_DTYPES,
@@ -129,13 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         run_child(args)
         return
+    if args.sp_degree != [1] and not args.dry_run:
+        sys.exit("error: --sp-degree: with --dry-run only (a timed run at N > 1 needs a launch of N processes)")
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
         sys.exit("error: --device cuda: no CUDA device is visible")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         if args.dry_run:
-            counts = dry_run(args, work)
+            runs = [dry_run(argparse.Namespace(**{**vars(args), "sp_degree": n}), work) for n in args.sp_degree]
+            counts = runs[0] if len(runs) == 1 else {"sp_degrees": runs}
+            if len(runs) > 1:
+                print_sp_table(runs)
             text = json.dumps(counts, indent=2)
             print(text)
             if args.json:
@@ -200,6 +206,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device, run one step there, print the counts; no timing")
+    parser.add_argument("--sp-degree", type=lambda text: [int(n) for n in text.split(",")], default=[1],
+                        help="with --dry-run: count one rank of a sequence-parallel group of N (cogtrain "
+                             "--sp-degree N), the one holding the last chunk; a list (1,2,4,8) counts each and "
+                             "prints a table against the first (default 1)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -591,6 +601,10 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # --base-weights fp8 runs here as on CUDA: diffusers' layerwise casting stores the frozen layers in float8 on
     # the meta device too (1 byte an element), and the upcast copy of each layer is counted while its forward runs
     transformer = build_transformer(config, model)
+    check_degree(args.sp_degree, transformer.config.num_attention_heads, args.sp_degree, model.variant.name)
+    # the last rank of the group: on the meta device its exchanges make the buffers it would receive, no collective
+    sequence = SequenceParallel(degree=args.sp_degree, rank=args.sp_degree - 1, dp_rank=0, dp_degree=1)
+    sequence.attach(transformer)
     vae, text_encoder = model.load_vae(torch.bfloat16), model.load_text_encoder(torch.bfloat16)
     trained = [p for p in transformer.parameters() if p.requires_grad]
     # bitsandbytes' kernels need CUDA: its 8-bit state is made as bitsandbytes makes it, and counted
@@ -619,9 +633,10 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for _ in range(2):  # the second step holds the optimizer state the first one made
             batch = meta_batch()
             before_forward = memory.live
-            loss = forward(batch)
-            kept_for_backward = memory.live - before_forward
-            loss.backward()
+            with sequence.sharding():
+                loss = forward(batch)
+                kept_for_backward = memory.live - before_forward
+                loss.backward()
             with_grad = sum(p.numel() for p in trained if p.grad is not None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -633,11 +648,13 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if config.gradient_checkpointing:
         transformer.disable_gradient_checkpointing()
     flops = FlopCounterMode(display=False)
-    with flops, flash_attention_on_meta():
+    with flops, flash_attention_on_meta(), sequence.sharding():
         forward(meta_batch()).backward()
     trained_bytes = sum(p.numel() * p.element_size() for p in trained)
     weights_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
     patch_t = tc.get("patch_size_t") or 1
+    video_tokens = padded_frame_count(frames, tc.get("patch_size_t")) // patch_t * (height // tc.patch_size) * (
+        width // tc.patch_size)
     return {
         "arch": args.arch,
         "variant": model.variant.name,
@@ -650,8 +667,9 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "gradient_checkpointing": args.gradient_checkpointing,
         "offload_checkpoints": args.offload_checkpoints,
         "latents": list(latents),
-        "tokens": padded_frame_count(frames, tc.get("patch_size_t")) // patch_t
-        * (height // tc.patch_size) * (width // tc.patch_size) + tc.max_text_seq_length,
+        "tokens": video_tokens + tc.max_text_seq_length,
+        "sp_degree": args.sp_degree,  # one degree here: main hands each of a list to its own dry_run
+        "tokens_per_rank": Layout(tc.max_text_seq_length, video_tokens, args.sp_degree, args.sp_degree - 1).chunk,
         "model_flops_per_step": flops.get_total_flops(),
         "weights_bytes": weights_bytes,  # exact, for the tiny model whose GB figures round to 0
         "optimizer_state_bytes": optimizer_bytes,
@@ -680,6 +698,20 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------
 # results
+
+
+def print_sp_table(runs: list[dict[str, Any]]) -> None:
+    """Per-rank figures of each --sp-degree, against the first degree's (the baseline of the same run)."""
+    base = runs[0]["meta_device_memory_gb"]
+    print(f"{runs[0]['variant']} {runs[0]['mode']} {runs[0]['shape']}, {runs[0]['tokens']} tokens, per rank "
+          f"(meta-device count, GiB):")
+    print(f"{'SP':>3} {'tokens':>7} {'kept for backward':>18} {'x':>6} {'peak':>8} {'x':>6} {'TFLOP/step':>11}")
+    for run in runs:
+        memory = run["meta_device_memory_gb"]
+        print(f"{run['sp_degree']:>3} {run['tokens_per_rank']:>7} {memory['kept_by_the_forward_for_the_backward']:>18.3f}"
+              f" {memory['kept_by_the_forward_for_the_backward'] / base['kept_by_the_forward_for_the_backward']:>6.3f}"
+              f" {memory['peak']:>8.3f} {memory['peak'] / base['peak']:>6.3f}"
+              f" {run['model_flops_per_step'] / 1e12:>11.1f}")
 
 
 def summarize(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:

@@ -86,15 +86,15 @@ class RandomWeightsModel(Model):
             transformer = CogVideoXTransformer3DModel.from_config(self.config("transformer"))
         return materialize(transformer, self.device, dtype, self.seed)
 
-    def load_vae(self, dtype: torch.dtype = torch.float32):
+    def load_vae(self, dtype: torch.dtype = torch.float32, device: str | None = None):
         with torch.device("meta"):
             vae = AutoencoderKLCogVideoX.from_config(self.config("vae"))
-        return materialize(vae, self.device, dtype, self.seed + 1).eval()
+        return materialize(vae, str(device or self.device), dtype, self.seed + 1).eval()
 
-    def load_text_encoder(self, dtype: torch.dtype = torch.float32):
+    def load_text_encoder(self, dtype: torch.dtype = torch.float32, device: str | None = None):
         with torch.device("meta"):
             text_encoder = T5EncoderModel(T5Config.from_dict(self.config("text_encoder")))
-        return materialize(text_encoder, self.device, dtype, self.seed + 2).eval()
+        return materialize(text_encoder, str(device or self.device), dtype, self.seed + 2).eval()
 
 
 def materialize(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:

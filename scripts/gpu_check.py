@@ -10,7 +10,9 @@ with 8-bit AdamW), `bench_train.py` runs cogtrain's own step (`--variants cogtra
 --steps steps) in a fresh process, and the table gives peak allocated and reserved GiB, the median seconds per
 step, and the model-FLOPs utilisation against the device's bf16 peak. The model FLOPs of each step (forward and
 backward, checkpointing's recompute left out) and the meta-device count beside them come from `bench_train.py
---dry-run`, run on the CPU cores while the GPU measures. Then the activation-offload tests (pinned host memory
+--dry-run`, run on the CPU cores while the GPU measures. Then cogprep's models at real size (`bench_prep.py
+real-size`: the VAE encoding a 49x480x720 and an 81x768x1360 clip, T5-XXL a 226-token caption, peak memory and
+clips per minute; PREP_RESERVE_S of the budget is kept for it), the activation-offload tests (pinned host memory
 on CUDA) and a 1-process FSDP run of the tiny model whose exported transformer is loaded into the diffusers
 pipeline and run.
 
@@ -40,6 +42,14 @@ ASSUMED_MFU = 0.33
 """For the budget only: the utilisation a configuration's time is estimated at before it runs."""
 START_UP_S = 45.0
 """For the budget only: a configuration's process start, imports, weights drawn and store written."""
+PREP_RESERVE_S = {"real": 150.0, "tiny": 90.0}
+"""Seconds of the budget the training rows leave to `bench_prep.py real-size`, by --arch (real: the VAE at both
+sizes and T5-XXL, one warm-up and two measured runs of each)."""
+PREP_OPTIONS = {"real": ["--warmup", "1", "--repeats", "2"],
+                "tiny": ["--vae-clip", "9x32x48", "--t5-layers", "2", "--text-tokens", "16", "--warmup", "0",
+                         "--repeats", "1"]}
+"""bench_prep.py real-size's options by --arch: the real sizes, or for the CPU rehearsal a 9x32x48 clip and 2
+T5-XXL layers (real widths: about 2.5 GB of host memory) on 16 tokens."""
 
 REAL_CONFIGS = [  # (name, bench_train.py options); the target-bearing ones first, so a short budget keeps them
     ("5b LoRA r128 49x480x720 fp8+offload", ["--arch", "5b", "--base-weights", "fp8", "--offload-checkpoints"]),
@@ -83,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             stdout=log, stderr=subprocess.STDOUT, env=child_environment(threads=2)))
 
     rows = []
+    reserve = 0.0 if args.skip_prep else PREP_RESERVE_S[args.arch]
     for index, (name, options) in enumerate(configs):
-        left = args.budget_s - (time.monotonic() - started)
+        left = args.budget_s - reserve - (time.monotonic() - started)
         flops = meta_counts(dry_runs[name], wait_s=0 if peak_tflops else None).get("model_flops_per_step")
         estimate = START_UP_S + (args.warmup + args.steps) * (
             flops / (ASSUMED_MFU * peak_tflops * 1e12) if flops and peak_tflops else 0.0)
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         if peak_tflops and row.get("median_s") and row["model_flops_per_step"]:
             row["mfu"] = row["model_flops_per_step"] / row["median_s"] / (peak_tflops * 1e12)
 
+    left = args.budget_s - (time.monotonic() - started)
+    prep = None if args.skip_prep else measure_prep(args, out / "prep.json", timeout_s=left)
     checks = {}
     if not args.skip_tests:
         checks["activation offload tests"] = run_check(
@@ -117,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 120.0, args.budget_s - (time.monotonic() - started)))
 
     print_table(rows, checks, device_name, peak_tflops, args, time.monotonic() - started)
-    summary = {"device": device_name, "peak_bf16_tflops": peak_tflops, "rows": rows, "checks": checks,
+    print_prep(prep)
+    summary = {"device": device_name, "peak_bf16_tflops": peak_tflops, "rows": rows, "prep": prep, "checks": checks,
                "seconds": round(time.monotonic() - started, 1)}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
-    failed = [r for r in rows if "error" in r] + [c for c in checks.values() if c.startswith("FAIL")]
+    failed = [r for r in [*rows, prep or {}] if "error" in r] + [c for c in checks.values() if c.startswith("FAIL")]
     return 1 if failed else 0
 
 
@@ -136,6 +150,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="measured steps per configuration (default 5)")
     parser.add_argument("--out", type=Path, help="folder for the JSON results and logs (default: a temporary one)")
     parser.add_argument("--limit", type=int, help="run only the first N configurations (default all)")
+    parser.add_argument("--skip-prep", action="store_true",
+                        help="leave out bench_prep.py real-size (and give its reserved time to the training rows)")
     parser.add_argument("--skip-tests", action="store_true", help="leave out the activation-offload tests")
     parser.add_argument("--skip-fsdp", action="store_true", help="leave out the 1-process FSDP export run")
     return parser.parse_args(argv)
@@ -194,6 +210,40 @@ def measure(args: argparse.Namespace, options: list[str], result: Path, timeout_
         "reserved_gib": peaks["cuda_max_reserved"] / GIB if "cuda_max_reserved" in peaks else None,
         "final_losses": cogtrain["final_losses"],
     }
+
+
+def measure_prep(args: argparse.Namespace, result: Path, timeout_s: float) -> dict:
+    """`bench_prep.py real-size` in a fresh process: the VAE's and T5-XXL's seconds and peaks, clips per minute."""
+    if timeout_s < PREP_RESERVE_S[args.arch] / 2:
+        return {"skipped": f"budget: {max(timeout_s, 0):.0f} s left"}
+    command = [sys.executable, str(SCRIPTS / "bench_prep.py"), "real-size", "--device", args.device,
+               *PREP_OPTIONS[args.arch], "--json-out", str(result)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=child_environment())
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"budget: stopped after {timeout_s:.0f} s"}
+    (result.parent / "prep.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0 or not result.exists():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {done.returncode}: {tail[0]}"}
+    return json.loads(result.read_text())
+
+
+def print_prep(prep: dict | None) -> None:
+    if prep is None:
+        return
+    if "clips_per_minute_49x480x720" not in prep:
+        print(f"cogprep at real size (bench_prep.py real-size): {prep.get('skipped') or prep.get('error')}")
+        return
+    print("cogprep at real size (bench_prep.py real-size, random weights; seconds, peak GiB):")
+    for clip, vae in prep["vae"].items():
+        how = f"projected from {vae['measured_clip']}" if vae["projected"] else "measured"
+        print(f"  VAE encode {clip:<12} {vae['seconds']:>10.2f} s {vae['peak_gib']:>8.2f} GiB  {how}")
+    t5 = prep["t5"]
+    how = f"projected from {t5['layers_measured']} layers" if t5["projected"] else "measured"
+    print(f"  T5-XXL {t5['tokens']:>3} tokens      {t5['seconds']:>10.3f} s {t5['peak_gib']:>8.2f} GiB  {how}")
+    print(f"  clips/min at 49x480x720, decoding hidden: {prep['clips_per_minute_49x480x720']:.2f} (target >= "
+          f"{prep['target_clips_per_minute']:g} on one H100: {prep['target']})")
 
 
 def run_check(command: list[str], timeout_s: float, log: Path) -> str:

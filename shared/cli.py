@@ -42,7 +42,9 @@ def wide_console():
 
 
 def make_app(name: str, help: str) -> typer.Typer:
-    app = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+    # rich_markup_mode=None: click's plain help, which wraps the help text and never cuts an option name or a
+    # default, at 80 columns and through a pipe alike (rich's option table truncates both with an ellipsis)
+    app = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                       context_settings={"help_option_names": ["-h", "--help"]})
 
     def show_version(value: bool) -> None:

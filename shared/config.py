@@ -48,6 +48,9 @@ def apply_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | N
     data = load_config_file(value)
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(data) - known)
+    renamed = getattr(ctx.command, "renamed_options", {})  # {old key: new key} of a command that renamed some
+    if set(unknown) & set(renamed):
+        raise CogtuneError(f"{value}: " + "; ".join(f"{k} was renamed {renamed[k]}" for k in unknown if k in renamed))
     if unknown:
         raise CogtuneError(f"{value}: unknown option(s) {', '.join(unknown)}")
     ctx.default_map = {**(ctx.default_map or {}), **data}
@@ -59,8 +62,6 @@ def config_option() -> Any:
         None,
         "--config",
         help="YAML or TOML file whose keys mirror these options (command-line options win).",
-        callback=apply_config,
+        callback=apply_config,  # a missing file or a folder is refused there, in one line
         is_eager=True,
-        exists=True,
-        dir_okay=False,
     )

@@ -107,6 +107,31 @@ def make_demo_dataset(out: Path | str, count: int = 8, seed: int = 0, layout: La
     return samples
 
 
+VALIDATION = "validation"
+"""Folder of the validation set inside a demo dataset: prompts.txt, images.txt and the images."""
+
+
+def make_validation_set(out: Path | str, count: int = 2, seed: int = 0, size: tuple[int, int] = (32, 48)) -> Path:
+    """Write `count` validation prompts, each with the first frame of a clip it describes (what an image-to-video
+    model starts from), to ``out/validation/``: ``prompts.txt``, ``images.txt`` (paths relative to it, as
+    ``cogprep encode --validation-images`` reads them) and ``image_NNN.png``. Returns the folder."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    folder = Path(out) / VALIDATION
+    # a seed of its own: the same dataset seed never repeats a training clip as a validation prompt
+    rng = np.random.default_rng([seed, 1])
+    prompts, images = [], []
+    for i in range(count):
+        frames, caption = _render_clip(rng, MIN_FRAMES, *size)
+        name = f"image_{i:03d}.png"
+        _write_png(folder / name, frames[0])
+        prompts.append(caption)
+        images.append(name)
+    atomic_write_text(folder / "prompts.txt", "".join(p + "\n" for p in prompts))
+    atomic_write_text(folder / "images.txt", "".join(name + "\n" for name in images))
+    return folder
+
+
 def _render_clip(rng: np.random.Generator, num_frames: int, height: int, width: int) -> tuple[np.ndarray, str]:
     """Frames [F, H, W, 3] of one shape crossing the frame (standing still when F is 1) and their caption."""
     shape = SHAPES[rng.integers(len(SHAPES))]

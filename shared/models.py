@@ -13,11 +13,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .buckets import SIZE_MULTIPLE, is_valid_frame_count
 from .errors import CogtuneError
 from .fingerprint import FileHashes, folder_fingerprint, hash_json, weights_identity
 from .variants import Variant, detect_variant
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+NATIVE_SIZE_KEY = "_cogtune_native_size"
+"""Transformer config key: [frames, height, width] in pixels a model was trained at, for a model whose configs do not
+say it otherwise (a 1.5 model's sample size is its RoPE grid's maximum). cogtune's tiny models record theirs there;
+diffusers ignores keys that start with an underscore and keeps them through from_pretrained and save_pretrained."""
 
 if TYPE_CHECKING:  # imported lazily: `cogprep status` and no-op encodes never load torch
     import torch
@@ -66,14 +71,27 @@ class Model:
         )
 
     def native_size(self) -> tuple[int, int, int]:
-        """(frames, height, width) in pixels the model was trained at: its transformer config for 1.0 (sample_*
-        in latents), the release table for 1.5 (whose sample size is the RoPE grid's maximum, not a training
-        size). Tiny test models have their own native size; the release's come out as 49x480x720."""
+        """(frames, height, width) in pixels the model was trained at, cogprep's default bucket, from its transformer
+        config: `NATIVE_SIZE_KEY` where it records one (cogtune's tiny 1.5 models: 9x48x80), else sample_* (in
+        latents) for 1.0, as the diffusers pipelines' default height and width read it (the releases: 49x480x720),
+        else the release table for 1.5, whose sample size is the RoPE grid's maximum, not a training size
+        (81x768x1360)."""
         v = self.variant
+        tc = self.config("transformer")
+        if NATIVE_SIZE_KEY in tc:
+            return self._recorded_native_size(tc[NATIVE_SIZE_KEY])
         if v.generation == "1.5":
             return v.native_frames, v.native_height, v.native_width
-        tc = self.config("transformer")
         return tc.get("sample_frames", v.native_frames), tc["sample_height"] * 8, tc["sample_width"] * 8
+
+    def _recorded_native_size(self, value: Any) -> tuple[int, int, int]:
+        ok = isinstance(value, list) and len(value) == 3 and all(type(n) is int and n > 0 for n in value)
+        if not ok or not is_valid_frame_count(value[0]) or value[1] % SIZE_MULTIPLE or value[2] % SIZE_MULTIPLE:
+            raise CogtuneError(
+                f"{self.path / 'transformer' / 'config.json'}: {NATIVE_SIZE_KEY} {value!r} is not [frames, height, "
+                f"width] with frames 8N+1 and height and width multiples of {SIZE_MULTIPLE}"
+            )
+        return value[0], value[1], value[2]
 
     def check_size(self, frames: int, height: int, width: int, what: str) -> None:
         """Refuse a video size the model cannot train or generate at, naming it after `what` (``STORE: bucket``).
@@ -93,15 +111,23 @@ class Model:
         )
 
     # ---- loaders: each loads one component, in the dtype asked for ----
-    def load_vae(self, dtype: torch.dtype | str = "float32"):
+    # With a `device`, the loaders' own device_map puts each tensor there as it is read (diffusers and transformers
+    # build the module on the meta device first): no copy of the whole component in host memory on the way, which
+    # loading to the CPU and then moving it makes whenever the file's dtype is not the one asked for (8 cogprep ranks
+    # each holding T5-XXL's 9.5 GB; figures in scripts/bench_host_memory.py).
+    def load_vae(self, dtype: torch.dtype | str = "float32", device: torch.device | str | None = None):
         from diffusers import AutoencoderKLCogVideoX
 
-        return AutoencoderKLCogVideoX.from_pretrained(self.path, subfolder="vae", torch_dtype=parse_dtype(dtype)).eval()
+        return AutoencoderKLCogVideoX.from_pretrained(
+            self.path, subfolder="vae", torch_dtype=parse_dtype(dtype), **_device_map(device)
+        ).eval()
 
-    def load_text_encoder(self, dtype: torch.dtype | str = "float32"):
+    def load_text_encoder(self, dtype: torch.dtype | str = "float32", device: torch.device | str | None = None):
         from transformers import T5EncoderModel
 
-        return T5EncoderModel.from_pretrained(self.path, subfolder="text_encoder", dtype=parse_dtype(dtype)).eval()
+        return T5EncoderModel.from_pretrained(
+            self.path, subfolder="text_encoder", dtype=parse_dtype(dtype), **_device_map(device)
+        ).eval()
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -141,6 +167,15 @@ class Model:
         what cogprep records and cogtrain compares, where the full `fingerprint` would read every byte."""
         found = {c: weights_identity(self.path / c) for c in components if (self.path / c).is_dir()}
         return {c: identity for c, identity in found.items() if identity is not None}
+
+
+def _device_map(device: torch.device | str | None) -> dict[str, Any]:
+    """from_pretrained's keyword for loading straight onto `device`; none for None (the CPU, as loaded)."""
+    if device is None:
+        return {}
+    import torch
+
+    return {"device_map": {"": torch.device(device)}}
 
 
 def open_model(source: str | Path, components: tuple[str, ...] = COMPONENTS) -> Model:

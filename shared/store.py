@@ -152,6 +152,8 @@ class Manifest:
     @classmethod
     def load(cls, store: Path) -> Manifest:
         """The manifest committed with the index (store.json is its readable copy, and the fallback)."""
+        if Path(store).is_file():
+            check_store_folder(store)
         index = Path(store) / INDEX
         path = Path(store) / STORE_JSON
         text = _index_manifest(index) if index.exists() else None
@@ -217,6 +219,12 @@ class Location:
     size: int
 
 
+SHARD_MAX_BYTES = 1 << 30
+"""A shard is closed and the next one started once it holds this many bytes..."""
+SHARD_MAX_ITEMS = 1000
+"""... or this many items (encodes and gc alike; cogprep encode --shard-max-bytes/--shard-max-items)."""
+
+
 class ShardWriter:
     """Writes items into tar shards of one bucket folder, rolling to a new shard past `max_bytes`/`max_items`.
 
@@ -225,7 +233,8 @@ class ShardWriter:
     Shard names carry `prefix` (e.g. the run id and rank) so that concurrent writers never collide.
     """
 
-    def __init__(self, store: Path, bucket: str, prefix: str, max_bytes: int = 1 << 30, max_items: int = 2000):
+    def __init__(self, store: Path, bucket: str, prefix: str, max_bytes: int = SHARD_MAX_BYTES,
+                 max_items: int = SHARD_MAX_ITEMS):
         self.store = Path(store)
         self.folder = self.store / SHARDS / bucket
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -370,8 +379,7 @@ class ShardReader:
 def store_lock(store: Path) -> Iterator[None]:
     """Hold an exclusive advisory lock on the store folder itself (no lock file to leave behind; the OS drops
     the lock when the process dies, so a kill never leaves the store locked)."""
-    if not Path(store).is_dir():
-        raise CogtuneError(f"{store}: no such store")
+    check_store_folder(store)
     fd = os.open(store, os.O_RDONLY)
     try:
         try:
@@ -381,6 +389,16 @@ def store_lock(store: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def check_store_folder(store: Path) -> None:
+    """Refuse, in one line, a store path that is a file (``STORE/index.parquet`` given for ``STORE``) or missing."""
+    store = Path(store)
+    if store.is_file():
+        raise CogtuneError(f"{store}: a file, not a store: give the store's folder ({store.parent}), which holds "
+                           f"{STORE_JSON} and {INDEX}")
+    if not store.is_dir():
+        raise CogtuneError(f"{store}: no such store")
 
 
 def check_writable(store: Path) -> None:
@@ -396,19 +414,32 @@ def check_writable(store: Path) -> None:
 MANIFEST_KEY = b"cogtune.manifest"
 
 
-def write_index(store: Path, rows: list[dict[str, Any]], manifest: Manifest | None = None) -> None:
-    """Replace index.parquet atomically: the commit point of an encode. Rows are sorted by key.
+def write_index(store: Path, rows: list[dict[str, Any]] | pa.Table, manifest: Manifest | None = None) -> None:
+    """Replace index.parquet atomically: the commit point of an encode. Rows (dicts, or an Arrow table of the
+    index's columns) are sorted by key.
 
     The manifest is stored in the file's metadata, so rows and manifest are committed together; without
     `manifest`, the one already committed is kept (e.g. when `cogprep gc` only moves rows).
     """
     path = Path(store) / INDEX
     text = manifest.to_json() if manifest is not None else (_index_manifest(path) if path.exists() else None)
-    rows = sorted(rows, key=lambda r: r["key"])
     schema = INDEX_SCHEMA.with_metadata({MANIFEST_KEY: text.encode()}) if text is not None else INDEX_SCHEMA
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = _index_table(rows, schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def _index_table(rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows.select(schema.names).cast(schema).sort_by("key")
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=schema)
+
+
+def index_holds(store: Path, rows: list[dict[str, Any]]) -> bool:
+    """Whether index.parquet holds exactly `rows`, every column equal (the manifest aside): what lets an encode
+    with nothing to change leave the index as it is."""
+    table = _read_index_table(store, None)
+    return table is not None and table.equals(_index_table(rows, INDEX_SCHEMA))
 
 
 def _index_manifest(path: Path) -> str | None:
@@ -433,6 +464,12 @@ def read_index_columns(store: Path, columns: Sequence[str]) -> dict[str, list] |
     return None if table is None else {name: table.column(name).to_pylist() for name in columns}
 
 
+def read_index_table(store: Path, columns: Sequence[str]) -> pa.Table | None:
+    """The index's `columns` as an Arrow table, for comparing or counting by columns without a Python object per
+    row; None when the store has no index yet."""
+    return _read_index_table(store, columns)
+
+
 def _read_index_table(store: Path, columns: Sequence[str] | None) -> pa.Table | None:
     path = Path(store) / INDEX
     if not path.exists():
@@ -445,6 +482,22 @@ def _read_index_table(store: Path, columns: Sequence[str] | None) -> pa.Table | 
         return table if table.schema.equals(schema) else table.cast(schema)
     except (pa.ArrowInvalid, OSError) as e:
         raise CogtuneError(f"{path}: unreadable index ({e})") from None
+
+
+def _read_index_dictionaries(store: Path, columns: Sequence[str]) -> pa.Table | None:
+    """The index's `columns`, its string columns as dictionaries (codes into their distinct values) with one
+    dictionary per column; None when the store has no index yet."""
+    path = Path(store) / INDEX
+    if not path.exists():
+        return None
+    strings = [name for name in columns if pa.types.is_string(INDEX_SCHEMA.field(name).type)]
+    try:
+        table = pq.ParquetFile(path, read_dictionary=strings).read(columns=list(columns))
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise CogtuneError(f"{path}: unreadable index ({e})") from None
+    if any(not pa.types.is_dictionary(table.schema.field(name).type) for name in strings):
+        raise CogtuneError(f"{path}: unreadable index (a column of text is not stored as text)")
+    return table.unify_dictionaries()
 
 
 def write_damaged(store: Path, items: dict[str, str], samples: list[dict[str, Any]]) -> None:
@@ -483,22 +536,30 @@ class IndexColumns:
 
     A trainer keeps the columns its reads need for every sample, in every rank: as `read_index` rows those 9
     columns take about 650 bytes a row (63 MB for 100,000 samples, measured with tracemalloc), as columns 60
-    (5.8 MB). `row(i)` gives row i as the dict `read_sample` takes.
+    (5.8 MB; 60 MB for a million). String columns are read as Parquet dictionaries, so loading makes no Python
+    object per row. `row(i)` gives row i as the dict `read_sample` takes.
     """
 
     def __init__(self, store: Path, columns: Sequence[str]):
-        table = _read_index_table(store, columns)
+        table = _read_index_dictionaries(store, columns)
         self._length = 0 if table is None else table.num_rows
         self._strings: dict[str, tuple[list[str], np.ndarray]] = {}
         self._numbers: dict[str, np.ndarray] = {}
         for name in columns if table is not None else ():
-            column = table.column(name)
-            if pa.types.is_string(column.type):
-                code: dict[str, int] = {}
-                codes = np.array([code.setdefault(value, len(code)) for value in column.to_pylist()], np.int32)
-                self._strings[name] = (list(code), codes)
-            else:
-                self._numbers[name] = column.to_numpy().astype(np.int64)
+            self._hold(name, table.column(name))
+        del table
+        # Arrow's allocator keeps the read's buffers for reuse (110 MB for a million rows); a trainer never reads
+        # the index again, so each rank hands them back and holds only the columns (60 bytes a row)
+        pa.default_memory_pool().release_unused()
+
+    def _hold(self, name: str, column: pa.ChunkedArray) -> None:
+        """Keep a copy of `column` in numpy (and its distinct strings), none of Arrow's buffers."""
+        if pa.types.is_dictionary(column.type):
+            # Arrow's own codes: no Python object per row (a million rows load in a tenth of a second)
+            codes = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+            self._strings[name] = (codes.dictionary.to_pylist(), codes.indices.to_numpy().astype(np.int32))
+        else:
+            self._numbers[name] = column.to_numpy().astype(np.int64)
 
     def __len__(self) -> int:
         return self._length
@@ -550,6 +611,36 @@ def row_locations(row: dict[str, Any]) -> tuple[dict[str, Location], Location]:
     if row["image_offset"] >= 0:
         video[IMAGE] = Location(row["shard"], row["image_offset"], row["image_size"])
     return video, Location(row["text_shard"], row["text_offset"], row["text_size"])
+
+
+MEMBER_COLUMNS = (("shard", "latent_offset", "latent_size"), ("shard", "image_offset", "image_size"),
+                  ("text_shard", "text_offset", "text_size"))
+"""(shard, offset, size) columns of each member a row points at, as `row_locations` reads them."""
+
+
+def referenced_members(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{shard: (offsets, sizes)} of the members the index rows point at (a member shared by rows repeats): what
+    `row_locations` gives for every row, as arrays, with no Python object per row; None when there is no index."""
+    import pyarrow.compute as pc  # here, not at the top: a trainer never needs it (see `_read_index_table`)
+
+    table = _read_index_table(store, SAMPLE_COLUMNS)
+    if table is None:
+        return None
+    shards, offsets, sizes = [], [], []
+    for shard, offset, size in MEMBER_COLUMNS:
+        present = pc.greater_equal(table[offset], 0)  # -1: no such member (a T2V store's image latents)
+        shards.append(table[shard].filter(present))
+        offsets.append(table[offset].filter(present).to_numpy())
+        sizes.append(table[size].filter(present).to_numpy())
+    every_shard = pa.chunked_array([chunk for column in shards for chunk in column.chunks], pa.string())
+    codes = pc.dictionary_encode(every_shard.combine_chunks())
+    names, indices = codes.dictionary.to_pylist(), codes.indices.to_numpy()
+    order = np.argsort(indices, kind="stable")  # grouped by shard, each group in row order
+    offsets, sizes = np.concatenate(offsets)[order], np.concatenate(sizes)[order]
+    counts = np.bincount(indices, minlength=len(names))
+    ends = np.cumsum(counts)
+    return {name: (offsets[end - n:end], sizes[end - n:end])
+            for name, n, end in zip(names, counts.tolist(), ends.tolist())}
 
 
 def location_columns(video: dict[str, Location], text: Location) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .models import NATIVE_SIZE_KEY
 from .variants import VARIANTS, Variant, get_variant
 
 TINY_TEXT_DIM = 16
@@ -73,8 +74,10 @@ def tiny_transformer_config(v: Variant) -> dict:
         ofs_embed_dim=16 if v.uses_ofs else None,  # the transformer adds it to the time embedding: same width
     )
     if v.generation == "1.5":
-        # 1.5's sample size is the RoPE grid's maximum, not the training size (300x300 latents in the release)
+        # 1.5's sample size is the RoPE grid's maximum, not the training size (300x300 latents in the release), so
+        # the native size is recorded beside it, where Model.native_size reads it (cogprep's default bucket)
         cfg.update(sample_height=16, sample_width=16)
+        cfg[NATIVE_SIZE_KEY] = [frames, height, width]
     return cfg
 
 

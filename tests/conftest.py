@@ -43,6 +43,17 @@ def demo_txt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_store(demo_txt, tiny_models, tmp_path_factory) -> Path:
+    """`cogprep encode` of `demo_txt` on the tiny 5b with the tiny buckets, encoded once for the session and shared
+    read-only: a test that re-encodes or edits it works on `prep_helpers.moved_store` of it."""
+    from prep_helpers import encode
+
+    store = tmp_path_factory.mktemp("demo-store") / "store"
+    encode(demo_txt, tiny_models["5b"], store)
+    return store
+
+
+@pytest.fixture(scope="session")
 def train_dataset(tmp_path_factory) -> Path:
     """The trainer tests' 4-clip demo dataset (txt layout), shared read-only."""
     path = tmp_path_factory.mktemp("train-demo") / "data"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,16 @@ def encode(dataset: Path, model: Path, store: Path, *extra: str, expect: int = 0
     """cogprep encode with the tiny buckets, unless `extra` names a --resolution."""
     buckets = () if "--resolution" in extra else ("--buckets", TINY_BUCKETS)
     return cogprep("encode", dataset, "--model", model, "--out", store, *buckets, *extra, expect=expect)
+
+
+def moved_store(store: Path, dataset: Path, model: Path, out: Path) -> Path:
+    """A private copy at `out` of `store`, encoded from a copy of `dataset` (the same files, mtimes kept), as if a
+    user had moved both. A no-op encode there, which must encode nothing, records the sources' hashes under their
+    new paths, so later encodes trust unchanged files as they would in the store where they were encoded."""
+    shutil.copytree(store, out)
+    encode(dataset, model, out)
+    assert report(out)["encoded"] == {"videos": 0, "texts": 0}, "a moved store re-encoded items"
+    return out
 
 
 def report(store: Path) -> dict:

@@ -44,7 +44,7 @@ def runs(train_store, tiny_models, tmp_path_factory) -> dict[str, Path]:
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(validation, "run_validation", recording)
-        for base, extra in (("bf16", ()), ("fp8", ("--validate-every", STEPS, "--validation-steps", 2))):
+        for base, extra in (("bf16", ()), ("fp8", ("--validate-every", STEPS, "--validation-inference-steps", 2))):
             cogtrain(train_store, tiny_models["5b"], folder / base, "--max-steps", STEPS, "--learning-rate", "1e-3",
                      "--mixed-precision", "bf16", "--base-weights", base, *extra)
     return {"bf16": folder / "bf16", "fp8": folder / "fp8", "validated_on": validated_on}

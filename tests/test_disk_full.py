@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cogtune.shared import store as S
-from prep_helpers import add_clip, encode
+from prep_helpers import add_clip, encode, moved_store
 from train_helpers import cogtrain, losses
 
 
@@ -98,13 +98,11 @@ def test_the_next_run_removes_what_a_run_killed_while_checkpointing_left(train_s
     assert not leftover.exists()
 
 
-def test_cogprep_refuses_up_front_an_encode_the_disk_cannot_hold(demo_txt, tiny_models, tmp_path, small_disk,
-                                                                 monkeypatch):
+def test_cogprep_refuses_up_front_an_encode_the_disk_cannot_hold(demo_txt, demo_store, tiny_models, tmp_path,
+                                                                 small_disk, monkeypatch):
     from cogtune.preprocess import encode as encode_module
 
-    whole = tmp_path / "whole"  # the same encode where there is room: what it really writes
-    encode(demo_txt, tiny_models["5b"], whole)
-    written = S.bytes_by_part(whole)
+    written = S.bytes_by_part(demo_store)  # the same encode where there is room: what it really writes
     shards = written["video shards"] + written["text shards"]
 
     disk = small_disk(64 * 1024)
@@ -121,12 +119,11 @@ def test_cogprep_refuses_up_front_an_encode_the_disk_cannot_hold(demo_txt, tiny_
     assert float(figure) * {"B": 1, "KB": 1024, "MB": 1024**2}[unit] >= shards
 
 
-def test_a_full_disk_mid_encode_is_one_line_and_the_store_keeps_its_last_commit(demo_txt, tiny_models, tmp_path,
-                                                                                 monkeypatch):
-    store = tmp_path / "store"
-    encode(demo_txt, tiny_models["5b"], store)
-    index_before = (store / S.INDEX).read_bytes()
+def test_a_full_disk_mid_encode_is_one_line_and_the_store_keeps_its_last_commit(demo_txt, demo_store, tiny_models,
+                                                                                 tmp_path, monkeypatch):
     dataset = shutil.copytree(demo_txt, tmp_path / "data")
+    store = moved_store(demo_store, dataset, tiny_models["5b"], tmp_path / "store")
+    index_before = (store / S.INDEX).read_bytes()
     add_clip(dataset, "new-1.mp4", "a new clip", seed=1)
     add_clip(dataset, "new-2.mp4", "another new clip", seed=2)
 

@@ -126,3 +126,42 @@ def test_validation_refuses_another_frame_count(tiny_models, tmp_path):
         run_validation(torch.nn.Module(), model, tmp_path, tmp_path / "run", 1, device="cpu", dtype=torch.float32,
                        seed=0, num_inference_steps=2, num_frames=17, height=None, width=None)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the default size: each model's own, from its configs
+
+
+def test_native_size_comes_from_the_model_configs(tiny_models, tmp_path):
+    for slug, path in ((s, tiny_models[s]) for s in ("2b", "5b-i2v", "1.5-5b", "1.5-5b-i2v")):
+        model = open_model(path)
+        assert model.native_size() == TINY_NATIVE[model.variant.generation], slug
+    # the 1.5 release's configs do not say it (sample_height/width are its RoPE grid's maximum): the release table
+    released = tmp_path / "released-1.5"
+    (released / "transformer").mkdir(parents=True)
+    (released / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    config = {"in_channels": 16, "out_channels": 16, "patch_size_t": 2, "sample_frames": 81, "sample_height": 300,
+              "sample_width": 300, "use_rotary_positional_embeddings": True}
+    (released / "transformer" / "config.json").write_text(json.dumps(config))
+    assert open_model(released, components=("transformer",)).native_size() == (81, 768, 1360)
+
+
+@pytest.mark.parametrize("recorded", [[9, 48], [10, 48, 80], [9, 40, 80], "9x48x80"])
+def test_a_recorded_native_size_that_is_no_size_is_refused_naming_the_file(tiny_models, tmp_path, recorded):
+    from cogtune.shared.models import NATIVE_SIZE_KEY
+
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text((tiny_models["1.5-5b"] / "model_index.json").read_text())
+    config = json.loads((tiny_models["1.5-5b"] / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, NATIVE_SIZE_KEY: recorded}))
+    with pytest.raises(CogtuneError, match=f"^{folder / 'transformer' / 'config.json'}: {NATIVE_SIZE_KEY} "):
+        open_model(folder, components=("transformer",)).native_size()
+
+
+def test_a_tiny_1_5_model_encodes_at_its_own_native_size_by_default(tiny_models, demo_txt, tmp_path):
+    store = tmp_path / "store"
+    cogprep("encode", demo_txt, "--model", tiny_models["1.5-5b"], "--out", store)  # no --resolution, no --buckets
+    buckets = json.loads((store / "store.json").read_text())["buckets"]
+    assert [b["name"] for b in buckets] == ["9x48x80"]  # not the release's 81x768x1360, where no clip fits
+    assert buckets[0]["samples"] == 5  # every clip of the dataset

@@ -1,7 +1,10 @@
 """Packaging: one import package `cogtune`, console scripts with --help and --version."""
 
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,10 +13,22 @@ def _python(code, cwd):
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True)
 
 
-def test_cogtune_subpackages_import(tmp_path):
-    r = _python("import cogtune.train, cogtune.preprocess, cogtune.shared; print(cogtune.__version__)", tmp_path)
+def test_cogtune_subpackages_import_from_this_checkout(tmp_path):
+    """From a neutral folder, `cogtune` is this checkout (scripts/_env.sh installs it editable, and the package-dir
+    mapping makes the repository root the package), each subpackage its folder, and ``__version__`` the version
+    pyproject.toml gives the installed distribution."""
+    root = Path(__file__).parents[1]
+    r = _python("import importlib.metadata, json, cogtune, cogtune.train, cogtune.preprocess, cogtune.shared\n"
+                "modules = (cogtune, cogtune.train, cogtune.preprocess, cogtune.shared)\n"
+                "print(json.dumps({'version': cogtune.__version__, 'installed': importlib.metadata.version('cogtune'),"
+                " 'files': {m.__name__: m.__file__ for m in modules}}))", tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    found = json.loads(r.stdout)
+    declared = re.search(r'^version = "(.+)"$', (root / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert found["version"] == found["installed"] == declared
+    assert found["files"] == {"cogtune": str(root / "__init__.py"),
+                              **{f"cogtune.{name}": str(root / name / "__init__.py")
+                                 for name in ("train", "preprocess", "shared")}}
 
 
 @pytest.mark.parametrize("name", ["train", "preprocess", "shared"])

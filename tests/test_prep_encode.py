@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from prep_helpers import (
     assert_same_content,
     cogprep,
     encode,
+    moved_store,
     read_lines,
     report,
     store_content,
@@ -31,9 +33,14 @@ def dataset(demo_txt, tmp_path):
     return shutil.copytree(demo_txt, tmp_path / "data")
 
 
-def test_txt_layout_encodes_every_clip_into_bucketed_shards(dataset, tiny_models, tmp_path):
-    store = tmp_path / "store"
-    encode(dataset, tiny_models["5b"], store)
+@pytest.fixture
+def store(demo_store, dataset, tiny_models, tmp_path) -> Path:
+    """A private copy of the session's tiny-5b store of the demo dataset, for `dataset`: a test may re-encode it."""
+    return moved_store(demo_store, dataset, tiny_models["5b"], tmp_path / "store")
+
+
+def test_txt_layout_encodes_every_clip_into_bucketed_shards(demo_txt, demo_store):
+    dataset, store = demo_txt, demo_store
     rows = S.read_index(store)
     assert sorted(r["source"] for r in rows) == sorted(read_lines(dataset / "videos.txt"))
     captions = dict(zip(read_lines(dataset / "videos.txt"), read_lines(dataset / "prompts.txt")))
@@ -49,11 +56,28 @@ def test_txt_layout_encodes_every_clip_into_bucketed_shards(dataset, tiny_models
         assert t["mean"].shape == t["logvar"].shape == (16, lat, r["height"] // 8, r["width"] // 8)
         assert t["mean"].dtype == torch.bfloat16
         assert t["embedding"].shape == (226, 16)
+    assert_embeddings_are_the_pipelines([r["caption"] for r in rows], [content[r["key"]]["embedding"] for r in rows])
     manifest = S.Manifest.load(store)
     assert manifest.model["variant"] == "CogVideoX-5b"
     assert sum(b["samples"] for b in manifest.buckets) == len(rows)
     assert all(b["batch_size"] == 2 for b in manifest.buckets)
     assert report(store)["encoded"] == {"videos": len(rows), "texts": len(set(captions.values()))}
+
+
+def assert_embeddings_are_the_pipelines(captions: list[str], cached: list[torch.Tensor]) -> None:
+    """Cached bfloat16 embeddings against ``CogVideoXPipeline._get_t5_prompt_embeds`` of the same tiny 5b (its
+    eval-mode T5, float32): equal to bfloat16's rounding (relative 2^-8), while any two captions differ by far more,
+    so a caption's embedding stored under another's key would not pass."""
+    from cogtune.shared.zoo import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("5b", seed=0)  # the weights `tiny_models["5b"]` wrote
+    with torch.no_grad():
+        expected = pipe._get_t5_prompt_embeds(captions, max_sequence_length=226, device=torch.device("cpu"),
+                                              dtype=torch.float32)
+    for caption, value, want in zip(captions, cached, expected):
+        assert value.dtype == torch.bfloat16
+        torch.testing.assert_close(value.float(), want, rtol=2**-8, atol=6e-6, msg=lambda m: f"{caption!r}: {m}")
+    assert (expected[0] - expected[1]).abs().max() > 0.1
 
 
 def test_every_shard_streams_with_webdataset_like_random_access(dataset, tiny_models, tmp_path):
@@ -161,9 +185,8 @@ def _fresh_encode(dataset, model, tmp_path, name="fresh"):
     return store_content(store)
 
 
-def test_incremental_add_two_clips(dataset, tiny_models, tmp_path):
-    store, model = tmp_path / "store", tiny_models["5b"]
-    encode(dataset, model, store)
+def test_incremental_add_two_clips(dataset, store, tiny_models, tmp_path):
+    model = tiny_models["5b"]
     add_clip(dataset, "new_a.mp4", "a green square moving up over a black background", seed=1)
     add_clip(dataset, "new_b.mp4", "a blue circle moving down over a white background", seed=2)
     encode(dataset, model, store)
@@ -172,9 +195,8 @@ def test_incremental_add_two_clips(dataset, tiny_models, tmp_path):
     assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
 
 
-def test_incremental_replace_clip_bytes_in_place(dataset, tiny_models, tmp_path):
-    store, model = tmp_path / "store", tiny_models["5b"]
-    encode(dataset, model, store)
+def test_incremental_replace_clip_bytes_in_place(dataset, store, tiny_models, tmp_path):
+    model = tiny_models["5b"]
     first = read_lines(dataset / "videos.txt")[0]
     write_video(dataset / first, (torch.rand(21, 40, 40, 3) * 255).to(torch.uint8).numpy(), fps=8)
     encode(dataset, model, store)
@@ -183,9 +205,8 @@ def test_incremental_replace_clip_bytes_in_place(dataset, tiny_models, tmp_path)
     assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
 
 
-def test_incremental_caption_edit_reencodes_the_text_only(dataset, tiny_models, tmp_path):
-    store, model = tmp_path / "store", tiny_models["5b"]
-    encode(dataset, model, store)
+def test_incremental_caption_edit_reencodes_the_text_only(dataset, store, tiny_models, tmp_path):
+    model = tiny_models["5b"]
     prompts = read_lines(dataset / "prompts.txt")
     prompts[1] = "a yellow triangle moving right over a grey background"
     write_lines(dataset / "prompts.txt", prompts)
@@ -194,9 +215,8 @@ def test_incremental_caption_edit_reencodes_the_text_only(dataset, tiny_models, 
     assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
 
 
-def test_incremental_delete_clip_drops_it(dataset, tiny_models, tmp_path):
-    store, model = tmp_path / "store", tiny_models["5b"]
-    encode(dataset, model, store)
+def test_incremental_delete_clip_drops_it(dataset, store, tiny_models, tmp_path):
+    model = tiny_models["5b"]
     videos, prompts = read_lines(dataset / "videos.txt"), read_lines(dataset / "prompts.txt")
     write_lines(dataset / "videos.txt", videos[1:])
     write_lines(dataset / "prompts.txt", prompts[1:])
@@ -207,11 +227,9 @@ def test_incremental_delete_clip_drops_it(dataset, tiny_models, tmp_path):
     assert_same_content(store_content(store), _fresh_encode(dataset, model, tmp_path))
 
 
-def test_incremental_model_switch_reencodes_everything(dataset, tiny_models, tmp_path):
+def test_incremental_model_switch_reencodes_everything(dataset, store, tmp_path):
     from cogtune.shared.zoo import make_tiny_model
 
-    store = tmp_path / "store"
-    encode(dataset, tiny_models["5b"], store)
     n = len(S.read_index(store))
     other = make_tiny_model("5b", tmp_path / "other-model", seed=7)
     encode(dataset, other, store)
@@ -220,9 +238,8 @@ def test_incremental_model_switch_reencodes_everything(dataset, tiny_models, tmp
     assert_same_content(store_content(store), _fresh_encode(dataset, other, tmp_path))
 
 
-def test_noop_rerun_encodes_nothing_and_status_is_current(dataset, tiny_models, tmp_path):
-    store, model = tmp_path / "store", tiny_models["5b"]
-    encode(dataset, model, store)
+def test_noop_rerun_encodes_nothing_and_status_is_current(dataset, store, tiny_models):
+    model = tiny_models["5b"]
     before = store_content(store)
     encode(dataset, model, store)
     assert report(store)["encoded"] == {"videos": 0, "texts": 0}
@@ -234,10 +251,31 @@ def test_noop_rerun_encodes_nothing_and_status_is_current(dataset, tiny_models, 
     assert "new 1" in result.output and "late.mp4" in result.output
 
 
-def test_a_store_of_another_format_version_is_refused_and_left_as_it_was(dataset, tiny_models, tmp_path):
+def test_a_noop_encode_rewrites_neither_the_index_nor_the_manifest(dataset, store, tiny_models):
+    """Nothing to encode, nothing removed: index.parquet and store.json keep their bytes and mtimes (a backup or a
+    sync sees nothing new). A touched source (same bytes, a new mtime) is no longer a no-op: its row records the
+    mtime, so the index is rewritten with it."""
+    model = tiny_models["5b"]
+    committed = [store / S.INDEX, store / S.STORE_JSON]
+
+    def state():
+        return [(path.read_bytes(), path.stat().st_mtime_ns) for path in committed]
+
+    before = state()
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 0, "texts": 0}
+    assert state() == before
+    first = read_lines(dataset / "videos.txt")[0]
+    touched = (dataset / first).stat().st_mtime_ns + 10**9
+    os.utime(dataset / first, ns=(touched, touched))
+    encode(dataset, model, store)
+    assert report(store)["encoded"] == {"videos": 0, "texts": 0}
+    assert (store / S.INDEX).stat().st_mtime_ns != before[0][1]
+    assert {r["source"]: r["source_mtime_ns"] for r in S.read_index(store)}[first] == touched
+
+
+def test_a_store_of_another_format_version_is_refused_and_left_as_it_was(dataset, store, tiny_models):
     """Its items are laid out otherwise (version 1 kept tensors uncompressed): none may be reused."""
-    store = tmp_path / "store"
-    encode(dataset, tiny_models["5b"], store)
     old = S.Manifest.load(store)
     old.version = 1
     S.write_index(store, S.read_index(store), old)
@@ -248,28 +286,26 @@ def test_a_store_of_another_format_version_is_refused_and_left_as_it_was(dataset
 
 
 def test_latents_of_the_wrong_shape_are_refused_before_they_are_cached(tiny_models, tmp_path):
-    """The tiny VAE's tiled encode (tiles of 32x48) misses by rows and columns at 192x288: the store must not
-    take such latents, whatever their source."""
+    """The tiny VAE's tiled encode (tiles of 32x48) misses by a row at 64x96, two tiles each way (9 latent rows
+    for 8): the store must not take such latents, whatever their source."""
     data = tmp_path / "data"
     (data / "videos").mkdir(parents=True)
     (data / "videos.txt").write_text("")
     (data / "prompts.txt").write_text("")
-    add_clip(data, "big.mp4", "a big random clip", frames=9, height=192, width=288)
-    result = encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x192x288", "--vae-tiling",
+    add_clip(data, "big.mp4", "a big random clip", frames=9, height=64, width=96)
+    result = encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x64x96", "--vae-tiling",
                     expect=2)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "big.mp4: the VAE gave latents of 3x" in errors[0], result.stderr
-    assert errors[0].endswith("for 9x192x288 pixels, expected 3x24x36: encode without --vae-tiling")
+    assert len(errors) == 1 and "big.mp4: the VAE gave latents of 3x9x12" in errors[0], result.stderr
+    assert errors[0].endswith("for 9x64x96 pixels, expected 3x8x12: encode without --vae-tiling")
     assert not (tmp_path / "store" / S.INDEX).exists()
-    encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x192x288")  # untiled: the right shape
-    assert S.read_index(tmp_path / "store")[0]["bucket"] == "9x192x288"
+    encode(data, tiny_models["5b"], tmp_path / "store", "--resolution", "9x64x96")  # untiled: the right shape
+    assert S.read_index(tmp_path / "store")[0]["bucket"] == "9x64x96"
 
 
-def test_clips_are_sampled_at_the_model_frame_rate_unless_told(dataset, tiny_models, tmp_path):
+def test_clips_are_sampled_at_the_model_frame_rate_unless_told(dataset, store, tiny_models, tmp_path):
     """49 frames of a 24 fps clip cover 2 s, where CogVideoX 1.0 trained on 6.1 s at 8 fps: the default samples at
     the model's rate; --fps source keeps each clip's; the store records which, and a change re-encodes."""
-    store = tmp_path / "store"
-    encode(dataset, tiny_models["5b"], store)
     assert S.Manifest.load(store).settings["sampling"]["fps"] == 8.0
     fast = [r for r in S.read_index(store) if r["source"] in _sources_at(dataset, 24)]
     assert fast and all(r["clip_step"] == 3.0 for r in fast)  # every third frame of a 24 fps source

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from cogtune.preprocess import maintain as M
+from cogtune.preprocess import compute as C
+from cogtune.preprocess import store_gc as G
+from cogtune.preprocess import store_inspect as I
 from cogtune.preprocess.datasets import read_dataset
 from cogtune.preprocess.frames import ClipWindow, resize_to_bucket
 from cogtune.shared import store as S
+from cogtune.shared.errors import CogtuneError
 from cogtune.shared.models import open_model
 from cogtune.shared.video import read_frames, write_video
 from PIL import Image
@@ -76,7 +79,7 @@ def test_gc_after_edits_reclaims_dead_items_and_keeps_content(edited, tiny_model
     (store / S.SHARDS / "text" / ".killed-00000.tar.tmp").write_bytes(b"half a shard")
     (store / ".pending").mkdir()
     (store / ".pending" / "killed.json").write_text("{}")
-    plan = M.plan_gc(store)
+    plan = G.plan_gc(store)
     assert plan.keep and plan.rewrite and len(plan.temp_files) == 2
     kept = {u.shard: (store / u.shard).stat().st_mtime_ns for u in plan.keep}
 
@@ -115,7 +118,7 @@ def i2v_store(tmp_path):
 
 def test_gc_relocates_image_members_and_deletes_dead_shards(i2v_store):
     content = store_content(i2v_store)
-    plan = M.plan_gc(i2v_store)
+    plan = G.plan_gc(i2v_store)
     assert plan.delete and plan.rewrite
     cogprep("gc", i2v_store)
     assert_same_content(store_content(i2v_store), content)
@@ -134,7 +137,7 @@ def test_gc_killed_before_the_index_commit_leaves_the_old_store(i2v_store, monke
     with monkeypatch.context() as patch:
         patch.setattr(S, "write_index", killed)
         with pytest.raises(KeyboardInterrupt):
-            M.run_gc(i2v_store, M.plan_gc(i2v_store))
+            G.run_gc(i2v_store, G.plan_gc(i2v_store))
     assert set(S.list_shards(i2v_store)) > shards  # the copies are orphans of the intact old index
     assert_same_content(store_content(i2v_store), content)
     cogprep("gc", i2v_store)
@@ -149,11 +152,11 @@ def test_gc_killed_after_the_index_commit_leaves_the_new_store(i2v_store, monkey
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(M, "_delete_after_commit", killed)
+        patch.setattr(G, "_delete_after_commit", killed)
         with pytest.raises(KeyboardInterrupt):
-            M.run_gc(i2v_store, M.plan_gc(i2v_store))
+            G.run_gc(i2v_store, G.plan_gc(i2v_store))
     assert_same_content(store_content(i2v_store), content)
-    leftover = M.plan_gc(i2v_store)
+    leftover = G.plan_gc(i2v_store)
     assert leftover.delete and not leftover.rewrite  # the old shards are now whole orphans
     cogprep("gc", i2v_store)
     assert_same_content(store_content(i2v_store), content)
@@ -165,6 +168,41 @@ def test_gc_refuses_a_store_whose_index_points_at_a_missing_shard(i2v_store):
     files = _files(i2v_store)
     result = cogprep("gc", i2v_store, expect=2)
     assert "store damaged" in result.output and len(result.output.strip().splitlines()) == 1
+    assert _files(i2v_store) == files
+
+
+@pytest.mark.parametrize("i2v", [False, True])
+def test_referenced_members_are_the_row_locations_of_every_row(tmp_path, i2v):
+    store = tmp_path / "random"
+    rows = build_random_store(store, {"9x16x16": (3, 1), "17x16x24": (2, 1)}, i2v=i2v)
+    rows[1] = {**rows[1], **{c: rows[0][c] for c in ("text_shard", "text_offset", "text_size")}}  # a shared caption
+    S.write_index(store, rows)
+    expected: dict[str, list[tuple[int, int]]] = {}
+    for row in rows:
+        video, text = S.row_locations(row)
+        for loc in (*video.values(), text):
+            expected.setdefault(loc.shard, []).append((loc.offset, loc.size))
+    referenced = S.referenced_members(store)
+    assert {shard: sorted(zip(offsets.tolist(), sizes.tolist())) for shard, (offsets, sizes) in referenced.items()} \
+        == {shard: sorted(pairs) for shard, pairs in expected.items()}
+
+
+def test_gc_refuses_an_index_pointing_between_members_and_counts_each_once(i2v_store):
+    rows = S.read_index(i2v_store)
+    rows[0]["latent_offset"] += 1
+    rows[1] = {**rows[1], **{c: rows[0][c] for c in ("shard", "latent_offset", "latent_size")}}
+    S.write_index(i2v_store, rows)
+    result = cogprep("gc", i2v_store, "--dry-run", expect=2)
+    assert (f"points at {rows[0]['shard']} byte {rows[0]['latent_offset']}, where no item is: store damaged "
+            "(1 such members)") in result.output
+
+
+def test_gc_refuses_an_index_changed_since_it_planned(i2v_store):
+    plan = G.plan_gc(i2v_store)
+    S.write_index(i2v_store, S.read_index(i2v_store)[1:])
+    files = _files(i2v_store)
+    with pytest.raises(CogtuneError, match="changed since gc planned"):
+        G.run_gc(i2v_store, plan)
     assert _files(i2v_store) == files
 
 
@@ -186,17 +224,17 @@ def test_inspect_preview_decodes_the_cached_latents(edited, tiny_models, tmp_pat
     out = tmp_path / "preview.png"
     cogprep("inspect", store, "--preview", out, "--max-samples", "3")
     sheet = np.asarray(Image.open(out).convert("RGB"))
-    columns, rows = M.sheet_grid(3)
+    columns, rows = I.sheet_grid(3)
     assert (columns, rows) == (2, 2)
-    assert sheet.shape == (rows * (M.TILE + M.LABEL_HEIGHT), columns * M.TILE, 3)
-    cells = [sheet[r * (M.TILE + M.LABEL_HEIGHT):(r + 1) * (M.TILE + M.LABEL_HEIGHT), c * M.TILE:(c + 1) * M.TILE]
+    assert sheet.shape == (rows * (I.TILE + I.LABEL_HEIGHT), columns * I.TILE, 3)
+    cells = [sheet[r * (I.TILE + I.LABEL_HEIGHT):(r + 1) * (I.TILE + I.LABEL_HEIGHT), c * I.TILE:(c + 1) * I.TILE]
              for r in range(rows) for c in range(columns)]
-    assert [bool((cell != M.BACKGROUND).any()) for cell in cells] == [True, True, True, False]
+    assert [bool((cell != I.BACKGROUND).any()) for cell in cells] == [True, True, True, False]
 
     # The tiny VAE is random: check the decode against the pipeline's own round trip of the same clip.
-    vae = M.preview_vae(open_model(tiny_models["5b"], ("vae",)))
-    shown = M.preview_rows(S.read_index(store), 2)
-    decoded = M.decode_first_frames(store, shown, vae)
+    vae = C.preview_vae(open_model(tiny_models["5b"], ("vae",)))
+    shown = I.preview_rows(S.read_index(store), 2)
+    decoded = C.decode_first_frames(store, shown, vae)
     for row, frame in zip(shown, decoded):
         window = ClipWindow(row["clip_start"], row["clip_step"], row["frames"])
         pixels = resize_to_bucket(read_frames(dataset / row["source"], window.indices), row["height"], row["width"])
@@ -210,12 +248,12 @@ def test_inspect_preview_decodes_the_cached_latents(edited, tiny_models, tmp_pat
 
 def test_first_frame_of_the_first_latent_batch_is_the_first_frame_of_a_full_decode(tiny_models):
     # 9-frame clips decode in one latent batch anyway; 49-frame ones (13 latent frames) take the shortcut.
-    vae = M.preview_vae(open_model(tiny_models["5b"], ("vae",)))
+    vae = C.preview_vae(open_model(tiny_models["5b"], ("vae",)))
     mean = torch.randn(16, 5, 4, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = vae.decode(mean[None]).sample[0, :, 0]
     full = ((full / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.array_equal(M._decode_first_frame(vae, mean), full)
+    assert np.array_equal(C.decode_first_frame(vae, mean), full)
 
 
 def test_extract_frames_writes_first_frames_that_read_dataset_pairs(demo_txt, tmp_path):

@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cogtune.preprocess import plan as P
 from cogtune.preprocess.frames import FrameSampling
 from cogtune.preprocess.plan import EncodeSettings, _Keys, plan_against_store, text_key
+from cogtune.preprocess.staleness import Current, current_by_columns, dataset_changes
 from cogtune.shared import store as S
-from cogtune.shared.fingerprint import Resolver, hash_json
-from prep_helpers import encode, read_lines, write_lines
+from cogtune.shared.fingerprint import FileHashes, Resolver, hash_bytes_of_file, hash_json
+from prep_helpers import add_clip, encode, read_lines, write_lines
 
 REPO = Path(__file__).parents[1]
 BEFORE = "d402860"
@@ -156,4 +158,147 @@ def test_bench_scale_smoke(tmp_path):
     run = measured["runs"][0]
     assert run["entries"] == 2000 and run["unchanged"] == 2000
     assert run["status_in_process_s"] > 0 and run["peak_rss_gb"] > 0 and run["one_stat_per_entry_s"] > 0
-    assert "no-op re-run at scale" in done.stdout
+    start = run["trainer_start"]
+    assert start["batches_per_epoch"] == 2000 and start["check_s"] > 0 and start["index_load_s"] > 0
+    assert 0 < start["index_memory_mb"] <= start["index_and_sampler_memory_mb"]
+    assert run["maintenance"]["inspect_s"] > 0 and run["maintenance"]["gc_dry_run_s"] > 0
+    assert "a million clips: no-op re-run" in done.stdout and "cogtrain start" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the staleness check by columns (preprocess/staleness.py)
+
+
+def _plan_counts(dataset: Path, store: Path) -> dict[str, int]:
+    return {kind: len(sources) for kind, sources in plan_against_store(dataset, store).changes.items()}
+
+
+def _edit_caption(data: Path, store: Path) -> None:
+    prompts = read_lines(data / "prompts.txt")
+    write_lines(data / "prompts.txt", [prompts[0] + " at dusk", *prompts[1:]])
+
+
+def _touch_a_clip(data: Path, store: Path) -> None:
+    """The same bytes with a new mtime: the plan re-hashes it and finds it unchanged."""
+    clip = data / read_lines(data / "videos.txt")[1]
+    st = clip.stat()
+    os.utime(clip, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def _remove_an_entry(data: Path, store: Path) -> None:
+    write_lines(data / "videos.txt", read_lines(data / "videos.txt")[1:])
+    write_lines(data / "prompts.txt", read_lines(data / "prompts.txt")[1:])
+
+
+def _add_a_clip(data: Path, store: Path) -> None:
+    add_clip(data, "extra.mp4", "a green square moving up over a black background")
+
+
+def _list_a_short_clip(data: Path, store: Path) -> None:
+    """A clip too short for any bucket: the plan skips it (bad), it is no change."""
+    add_clip(data, "short.mp4", "a clip of two frames", frames=2)
+
+
+def _record_damage(data: Path, store: Path) -> None:
+    row = S.read_index(store)[0]
+    S.write_damaged(store, {row["video_key"]: "gzip CRC"}, [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", [_edit_caption, _touch_a_clip, _remove_an_entry, _add_a_clip, _list_a_short_clip,
+                                  _record_damage])
+def test_what_the_columns_cannot_call_current_the_plan_decides(demo_txt, demo_store, tmp_path, edit):
+    data = shutil.copytree(demo_txt, tmp_path / "data")  # copy2: the same mtimes, so the store is current for it
+    store = shutil.copytree(demo_store, tmp_path / "store")
+    edit(data, store)
+    assert current_by_columns(data, store) is None
+    assert dataset_changes(data, store) == _plan_counts(data, store)
+
+
+def test_a_current_store_is_told_by_columns_alone(demo_txt, demo_store, tmp_path, monkeypatch):
+    data = shutil.copytree(demo_txt, tmp_path / "data")
+    videos, prompts = read_lines(data / "videos.txt"), read_lines(data / "prompts.txt")
+    plan = plan_against_store(data, demo_store)
+    expected = {kind: len(sources) for kind, sources in plan.changes.items()}
+    assert expected["unchanged"] == len(videos) and not plan.stale
+    # one entry listed twice (one sample in the index), and a line the reader refuses (a bad item, no change)
+    write_lines(data / "videos.txt", [*videos, videos[0], "missing.mp4"])
+    write_lines(data / "prompts.txt", [*prompts, prompts[0], "a caption of a missing clip"])
+    assert current_by_columns(data, demo_store) == Current(unchanged=len(videos), bad=1)
+    assert len(plan_against_store(data, demo_store).bad) == 1
+    recorded = S.Manifest.load(demo_store).model["fingerprints"]
+    assert current_by_columns(data, demo_store, {**recorded, "vae": "another"}) is None
+    assert current_by_columns(data, demo_store, dict(recorded)) is not None
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the full plan ran")
+
+    monkeypatch.setattr(P, "plan_against_store", no_plan)
+    assert dataset_changes(data, demo_store) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# first-encode hashing: on threads, journaled as each hash finishes
+
+
+def _files(folder: Path, count: int) -> list[tuple[str, os.stat_result]]:
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"{i}.mp4").write_bytes(os.urandom(1000 + i))
+    return [(str(p), p.stat()) for p in sorted(folder.iterdir())]
+
+
+def test_hash_files_on_threads_journals_each_hash_for_the_next_run(tmp_path, capsys):
+    files = _files(tmp_path / "clips", 40)
+    cache = tmp_path / "cache" / "files.json"
+    hashes = FileHashes(cache)
+    hashes.hash_files(files, workers=4, progress=True, journal=True)
+    assert "hashing" in capsys.readouterr().err  # the progress bar (tqdm: files/s and the time left)
+    assert hashes.stats["hashed"] == 40
+    for real, _ in files:
+        assert hashes.entries[real][2] == hash_bytes_of_file(Path(real))
+    # no save: as a killed run leaves it; the next run reads the journal and hashes nothing again
+    again = FileHashes(cache)
+    again.hash_files(files, journal=True)
+    assert again.stats["hashed"] == 0 and again.entries == hashes.entries
+    assert all(again.hash_and_stat(real, (real, st))[0] == hashes.entries[real][2] for real, st in files)
+    assert again.stats == {"hashed": 0, "trusted": 40}
+    again.save()  # the journal is folded into the cache
+    assert not again.journal_path.exists() and json.loads(cache.read_text()) == hashes.entries
+    # a file changed since: hashed anew, the rest trusted
+    Path(files[0][0]).write_bytes(b"other bytes")
+    files[0] = (files[0][0], Path(files[0][0]).stat())
+    third = FileHashes(cache)
+    third.hash_files(files)
+    assert third.stats["hashed"] == 1 and third.entries[files[0][0]][2] == hash_bytes_of_file(Path(files[0][0]))
+
+
+KILLED_HASHING = """
+import os, signal, sys
+from pathlib import Path
+from cogtune.shared import fingerprint
+calls = 0
+real_hash = fingerprint.hash_bytes_of_file
+def hash_then_die(path):
+    global calls
+    calls += 1
+    if calls == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_hash(path)
+fingerprint.hash_bytes_of_file = hash_then_die
+files = [(str(p), p.stat()) for p in sorted(Path(sys.argv[1]).iterdir())]
+fingerprint.FileHashes(Path(sys.argv[3])).hash_files(files, workers=1, journal=True)
+"""
+
+
+def test_kill_9_while_hashing_loses_no_finished_hash(tmp_path):
+    files = _files(tmp_path / "clips", 30)
+    cache = tmp_path / "cache" / "files.json"
+    done = subprocess.run([sys.executable, "-c", KILLED_HASHING, str(tmp_path / "clips"), "13", str(cache)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    survivor = FileHashes(cache)
+    assert len(survivor.entries) == 12  # every hash finished before the kill (one thread: calls 1 to 12)
+    survivor.hash_files(files)
+    assert survivor.stats["hashed"] == 18  # the next run hashes only the rest
+    assert all(survivor.entries[real][2] == hash_bytes_of_file(Path(real)) for real, _ in files)

@@ -106,3 +106,27 @@ def test_a_short_or_missing_shard_is_found_by_its_size_and_its_items_re_encoded(
     assert report["encoded"] == {"videos": len({r["video_key"] for r in inside}), "texts": 0}
     verify(store, 0)
     assert_same_content(store_content(store), store_content(clean_store))
+
+
+def test_chunks_split_shards_in_file_order_within_the_byte_limit():
+    from cogtune.preprocess.verify import Member, _chunks
+
+    members = [Member(shard, offset, size, f"{shard}{offset}", "text", ())
+               for shard, offset, size in [("b", 0, 40), ("a", 100, 30), ("a", 0, 60), ("a", 60, 30), ("b", 40, 80)]]
+    chunks = [[(m.shard, m.offset) for m in chunk] for chunk in _chunks(members, 90)]
+    # a's 60 + 30 fill one chunk, its third member starts the next; b's 40 + 80 overflow: a member alone is kept
+    assert chunks == [[("a", 0), ("a", 60)], [("a", 100)], [("b", 0)], [("b", 40)]]
+
+
+def test_damage_is_found_whatever_the_chunks_and_threads(store, monkeypatch):
+    from cogtune.preprocess import verify as V
+
+    rows = S.read_index(store)
+    damaged = {rows[0]["video_key"], rows[-1]["text_key"]}
+    flip_bytes(store, rows[0]["shard"], rows[0]["latent_offset"] + rows[0]["latent_size"] // 2)
+    flip_bytes(store, rows[-1]["text_shard"], rows[-1]["text_offset"] + rows[-1]["text_size"] // 2)
+    monkeypatch.setattr(V, "CHUNK_BYTES", 1)  # one member a chunk: many tasks over each shard, on 3 threads
+    for workers in (1, 3):
+        result = V.verify_store(store, workers=workers, progress=False)
+        assert set(result.damaged_items) == damaged, workers
+        assert result.bytes_read == sum(m.size for m in V._members(rows)[0])

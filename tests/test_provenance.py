@@ -35,7 +35,7 @@ def test_a_run_records_its_versions_and_notes_a_store_of_another_diffusers(train
     manifest.save(store)
     run = tmp_path / "run"
     result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "1")
-    assert (f"cogtrain: note: {store} was encoded under diffusers 0.30.0, this run has {version('diffusers')}; "
+    assert (f"cogtrain: warning: {store} was encoded under diffusers 0.30.0, this run has {version('diffusers')}; "
             "if the VAE's code changed between them") in result.stderr
     assert json.loads((run / "summary.json").read_text())["software"]["diffusers"] == version("diffusers")
 

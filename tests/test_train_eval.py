@@ -70,7 +70,7 @@ def test_the_eval_loss_is_the_mean_of_training_steps_at_the_fixed_timesteps(trai
 def test_a_run_logs_the_eval_loss_plots_it_and_names_and_keeps_the_best_step(train_store, tiny_models, tmp_path):
     run = tmp_path / "run"
     cogtrain(train_store, tiny_models["5b"], run, "--max-steps", "6", *EVAL, "--keep-best", "--checkpoint-every", "1",
-             "--keep-checkpoints", "1", "--validate-every", "6", "--validation-steps", "1", "--learning-rate", "1e-2")
+             "--keep-checkpoints", "1", "--validate-every", "6", "--validation-inference-steps", "1", "--learning-rate", "1e-2")
     entries = logged(run)
     evaluated = {step: entry["eval_loss"] for step, entry in entries.items() if "eval_loss" in entry}
     assert sorted(evaluated) == [2, 4, 6]

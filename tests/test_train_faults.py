@@ -25,7 +25,7 @@ def test_a_failing_validation_is_one_line_and_the_run_goes_on(train_store, tiny_
                       "--checkpoint-every", "2")
     failures = [line for line in result.stderr.splitlines() if "validation at step" in line]
     assert failures == [
-        f"cogtrain: validation at step {step} failed, training goes on: RuntimeError: CUDA out of memory. "
+        f"cogtrain: warning: validation at step {step} failed, training goes on: RuntimeError: CUDA out of memory. "
         "Tried to allocate 20.00 GiB" for step in (2, 4)
     ]
     assert sorted(losses(run)) == [1, 2, 3, 4]

@@ -46,14 +46,10 @@ LATENT_CHANNELS = 16
 def tiny_pipeline(slug: str):
     """One in-memory tiny pipeline per variant for the whole module (tests restore whatever they patch).
 
-    `build_tiny_pipeline` returns fresh modules, in training mode; ``from_pretrained`` (cogprep, a user's
-    pipeline) gives eval mode. The T5 has dropout (0.1): in training mode its embeddings are random, so T5 and
-    VAE are put in eval mode as loaded. The transformer stays in training mode, as cogtrain runs it.
+    `build_tiny_pipeline` gives its modules in eval mode, as ``from_pretrained`` (cogprep, a user's pipeline) does:
+    the T5 has dropout (0.1), and in training mode its embeddings would be random.
     """
-    pipe = build_tiny_pipeline(slug, seed=0)
-    pipe.text_encoder.eval()
-    pipe.vae.eval()
-    return pipe
+    return build_tiny_pipeline(slug, seed=0)
 
 
 def native_size(slug: str) -> tuple[int, int, int]:
@@ -639,3 +635,15 @@ def test_cached_image_latent_is_what_prepare_latents_encodes(slug, float32_store
     # the other scaling would not pass (1.5: 1/0.7 vs 0.7)
     wrong = image_conditioning(clean + posterior.std * eps, condition.shape[1], scaling, not invert)
     assert (wrong - condition).abs().max() > 0.1
+
+
+def test_the_crop_region_for_the_rotary_grid_is_the_pipelines():
+    """cogtune's copy (kept out of the pipeline module's imports) against diffusers' own, on grids wider,
+    taller and the same shape as the base grid."""
+    from cogtune.train.math import resize_crop_region_for_grid
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    for grid in [(30, 45), (45, 30), (30, 30), (17, 53), (60, 90), (1, 7), (7, 1)]:
+        for base_width, base_height in [(45, 30), (30, 30), (90, 60)]:
+            assert resize_crop_region_for_grid(grid, base_width, base_height) == \
+                get_resize_crop_region_for_grid(grid, base_width, base_height), (grid, base_width, base_height)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.models import open_model
 from cogtune.shared.store import Manifest, write_extras
@@ -258,6 +259,12 @@ def encoded_store(dataset, model_path, out, *extra):
     return out
 
 
+@pytest.fixture(scope="module")
+def t2v_validation_store(tiny_models, demo_dataset, tmp_path_factory):
+    """`encoded_store` on the tiny 5b, encoded once for the module and shared read-only."""
+    return encoded_store(demo_dataset, tiny_models["5b"], tmp_path_factory.mktemp("t2v") / "store")
+
+
 def assert_videos(paths, out_dir, step, size):
     """Two prompts: two videos, then the round's contact sheet (a row of 4 frames per prompt, a caption above)."""
     from PIL import Image
@@ -271,9 +278,8 @@ def assert_videos(paths, out_dir, step, size):
     assert Image.open(sheet).size == (4 * size[2], 2 * (size[1] + 16))
 
 
-def test_validation_renders_text_to_video_from_the_store(tiny_models, demo_dataset, tmp_path):
-    model = open_model(tiny_models["5b"])
-    store = encoded_store(demo_dataset, model.path, tmp_path / "store")
+def test_validation_renders_text_to_video_from_the_store(tiny_models, t2v_validation_store, tmp_path):
+    model, store = open_model(tiny_models["5b"]), t2v_validation_store
     transformer = model.load_transformer().train()
     args = dict(device="cpu", dtype=torch.float32, seed=5, num_inference_steps=2, num_frames=9, height=32, width=32)
 
@@ -288,12 +294,11 @@ def test_validation_renders_text_to_video_from_the_store(tiny_models, demo_datas
     assert not np.array_equal(read_frames(first[0], range(9)), read_frames(first[1], range(9)))
 
 
-def test_validation_on_a_rank_that_does_not_write_generates_and_writes_nothing(tiny_models, demo_dataset,
+def test_validation_on_a_rank_that_does_not_write_generates_and_writes_nothing(tiny_models, t2v_validation_store,
                                                                                tmp_path, monkeypatch):
     from cogtune.train import validation
 
-    model = open_model(tiny_models["5b"])
-    store = encoded_store(demo_dataset, model.path, tmp_path / "store")
+    model, store = open_model(tiny_models["5b"]), t2v_validation_store
     generated = []
     real_generate = validation._generate
     monkeypatch.setattr(validation, "_generate", lambda *a: generated.append(a[2]) or real_generate(*a))
@@ -304,24 +309,57 @@ def test_validation_on_a_rank_that_does_not_write_generates_and_writes_nothing(t
     assert generated == [0, 1]  # both prompts generated: under FSDP or ZeRO-3 the forward passes are collectives
 
 
-@pytest.mark.parametrize(("sharded", "main", "runs", "writes"),
-                         [(False, True, True, True), (False, False, False, False),
-                          (True, True, True, True), (True, False, True, False)])
-def test_validate_runs_on_every_rank_only_when_the_weights_are_sharded(monkeypatch, tmp_path, sharded, main, runs,
-                                                                       writes):
+SETUPS = {
+    "DDP": (DistributedType.MULTI_GPU, None),
+    "ZeRO-2": (DistributedType.DEEPSPEED, 2),
+    "FSDP": (DistributedType.FSDP, None),
+    "ZeRO-3": (DistributedType.DEEPSPEED, 3),
+}
+"""accelerate's distributed type of each setup, and DeepSpeed's ZeRO stage."""
+
+
+class FirstForward(Exception):
+    """Raised by a rank that does not write at its first transformer forward: that it generates is what counts."""
+
+
+@pytest.mark.parametrize(("setup", "rank", "generates"), [
+    ("DDP", 1, False), ("ZeRO-2", 1, False),
+    # each rank holds a shard of the weights: every forward pass gathers the layers from all ranks
+    ("FSDP", 1, True), ("ZeRO-3", 1, True), ("FSDP", 0, True),
+])
+def test_validate_generates_on_every_rank_only_when_the_weights_are_sharded(t2v_validation_store, tiny_models,
+                                                                             tmp_path, setup, rank, generates):
+    """`trainer.validate` with the real validation and accelerate's distributed types, as one rank of a setup runs
+    it: whether the rank runs the transformer (a rank other than 0 is stopped at its first forward pass, which
+    `validate` tolerates as it does any validation error) and what it writes (rank 0 alone: the videos and the
+    sheet; `test_validation_on_a_rank_that_does_not_write_generates_and_writes_nothing` runs one whole)."""
     from types import SimpleNamespace
 
-    from cogtune.train import trainer, validation
+    from cogtune.train import trainer
 
-    calls = []
-    monkeypatch.setattr(validation, "run_validation", lambda *a, **k: calls.append(k["write"]) or [])
-    monkeypatch.setattr(trainer, "weights_are_sharded", lambda accelerator: sharded)
+    distributed_type, zero_stage = SETUPS[setup]
     waited = []
-    accelerator = SimpleNamespace(is_main_process=main, device="cpu", unwrap_model=lambda m: m,
-                                  wait_for_everyone=lambda: waited.append(True))
-    config = TrainConfig(store=tmp_path, model="m", out=tmp_path / "run", validation_steps=2)
-    trainer.validate(config, accelerator, torch.nn.Module(), None, 1, (9, 32, 32))
-    assert calls == ([writes] if runs else [])
+    accelerator = SimpleNamespace(is_main_process=rank == 0, process_index=rank, device="cpu",
+                                  distributed_type=distributed_type,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage)),
+                                  unwrap_model=lambda m: m, wait_for_everyone=lambda: waited.append(True))
+    model = open_model(tiny_models["5b"])
+    transformer = model.load_transformer()
+    forwards = []
+
+    def count(*args):
+        forwards.append(1)
+        if rank != 0:
+            raise FirstForward
+
+    transformer.register_forward_hook(count)
+    out = tmp_path / "run"
+    config = TrainConfig(store=t2v_validation_store, model=str(model.path), out=out, mixed_precision="no",
+                         validation_inference_steps=1)
+    trainer.validate(config, accelerator, transformer, model, 1, (9, 32, 32))
+    assert bool(forwards) == generates
+    written = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert written == (["step-000001-0.mp4", "step-000001-1.mp4", "step-000001.png"] if rank == 0 else [])
     assert waited == [True]  # every rank meets the others afterwards
 
 
@@ -394,3 +432,34 @@ def test_full_model_card_loads_the_transformer_into_the_image_to_video_pipeline(
 def test_the_model_card_states_the_frame_rate_the_clips_were_sampled_at(tmp_path, clip_fps, words):
     card = write_model_card(tmp_path, {"mode": "lora"}, "THUDM/CogVideoX-5b", "5b", "lora", clip_fps=clip_fps)
     assert words in card.read_text()
+
+
+def test_a_runs_model_card_shows_the_values_it_used_and_absolute_paths(train_store, tiny_models, tmp_path,
+                                                                        monkeypatch):
+    """Given relative paths and left at their defaults, --lora-alpha and --batch-size appear as what the run
+    used (the rank; each bucket's batch size from the store), the model and folders as absolute paths, and the
+    snippet renders at the size the run trained at (its most common bucket), not the model's native size."""
+    import os
+    from pathlib import Path
+
+    from cogtune.train.validation import most_common_bucket
+    from train_helpers import cogtrain
+
+    monkeypatch.chdir(tmp_path)
+    model = Path(os.path.relpath(tiny_models["5b"], tmp_path))
+    cogtrain(Path(os.path.relpath(train_store, tmp_path)), model, Path("run"), "--max-steps", "1")
+    front, body, snippet = card_parts(tmp_path / "run" / "README.md")
+    table = body.split("## Training settings", 1)[1]
+    assert "null" not in table
+    absolute = str(tiny_models["5b"].resolve())
+    for row in ("| lora_alpha | 4.0 |", "| max_steps | 1 |", f"| model | {absolute} |",
+                f"| store | {train_store.resolve()} |", f"| out | {(tmp_path / 'run').resolve()} |"):
+        assert row in table, row
+    manifest = Manifest.load(train_store)
+    for bucket in manifest.buckets:
+        assert f"| batch_size.{bucket['name']} | {bucket['batch_size']} |" in table
+    assert f"Fine-tuned from `{absolute}`" in body
+    assert f"from_pretrained({absolute!r}" in snippet
+    frames, height, width = most_common_bucket(manifest)
+    assert f"num_frames={frames}, height={height}, width={width}," in snippet
+    compile(snippet, "snippet", "exec")

@@ -140,7 +140,7 @@ def test_a_stop_signal_checkpoints_the_step_in_flight_and_resume_equals_a_run_ne
         assert job.returncode != 0 and f"exitcode  : {EXIT_PREEMPTED}" in output, output[-3000:]
     # rank 0 names the signal when it had one by the end of that step; with both signalled it may not have yet
     by = {1: signal_name, 2: "a signal to another rank" if signalled == "one" else ""}[processes]
-    assert f"cogtrain: stopped by {by}" in output and f"after step {stopped}; checkpoint" in output, output[-3000:]
+    assert f"cogtrain: warning: stopped by {by}" in output and f"after step {stopped}; checkpoint" in output, output[-3000:]
     # the step in flight is checkpointed, whatever --checkpoint-every says; nothing after it was logged
     assert (run / "checkpoints" / f"step-{stopped:06d}" / "train_state.json").is_file()
     assert not (run / "pytorch_lora_weights.safetensors").exists()

@@ -47,7 +47,7 @@ def store(train_store) -> Path:
 def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, tiny_models, tmp_path):
     run = tmp_path / "run"
     result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "4", "--checkpoint-every", "2",
-                      "--keep-checkpoints", "1", "--validate-every", "4", "--validation-steps", "2",
+                      "--keep-checkpoints", "1", "--validate-every", "4", "--validation-inference-steps", "2",
                       "--report-to", "tensorboard")
     assert "final loss" in result.stdout
 
@@ -64,6 +64,14 @@ def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, t
         assert 0 <= entry["data_wait"] < entry["step_time"]
     assert (run / "README.md").read_text().strip()
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-000004-0.mp4", "step-000004.png"]
+    # the video is made at the bucket with the most samples (here not the first bucket, and of another size)
+    from cogtune.shared.video import read_video_info
+
+    buckets = sorted(S.Manifest.load(store).buckets, key=lambda b: b["samples"], reverse=True)
+    most, first = buckets[0], S.Manifest.load(store).buckets[0]
+    assert most["samples"] > buckets[1]["samples"] and most["name"] != first["name"]
+    video = read_video_info(run / "validation" / "step-000004-0.mp4")
+    assert (video.num_frames, video.height, video.width) == (most["frames"], most["height"], most["width"])
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["steps_per_rank"] == [4]
@@ -127,7 +135,7 @@ def test_resume_reproduces_the_uninterrupted_run(store, tiny_models, tmp_path, m
     common = ("--mode", mode, "--checkpoint-every", "3", "--keep-checkpoints", "0", *options)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     # LoRA validates in the uninterrupted run only: validation must not change what training draws
-    validation = ("--validate-every", "3", "--validation-steps", "1") if mode == "lora" else ()
+    validation = ("--validate-every", "3", "--validation-inference-steps", "1") if mode == "lora" else ()
     cogtrain(store, model, whole, "--max-steps", "6", *common, *validation)
     cogtrain(store, model, resumed, "--max-steps", "3", *common)
     cogtrain(store, model, resumed, "--max-steps", "6", "--resume", "latest", *common)
@@ -370,7 +378,7 @@ def test_image_to_video_1_5_lora_run_from_a_real_store_loads_into_the_i2v_pipeli
 
     run = tmp_path / "run"
     cogtrain(store, model, run, "--max-steps", "3", "--learning-rate", "1e-2", "--validate-every", "3",
-             "--validation-steps", "2", "--lora-alpha", "8")
+             "--validation-inference-steps", "2", "--lora-alpha", "8")
     assert all(math.isfinite(loss) for loss in losses(run).values()) and len(losses(run)) == 3
     videos = sorted((run / "validation").glob("*.mp4"))
     assert videos and read_video_info(videos[0])[1:] == (16.0, 48, 80)  # the variant's fps, the bucket's size
@@ -388,15 +396,48 @@ def test_image_to_video_1_5_lora_run_from_a_real_store_loads_into_the_i2v_pipeli
     assert not np.allclose(base.numpy(), tuned.numpy())
 
 
-def test_runs_use_expandable_cuda_segments_unless_the_user_chose_settings(monkeypatch):
-    from cogtune.train.trainer import use_cuda_allocator_defaults
+@pytest.mark.parametrize(("user_settings", "seen"), [(None, "expandable_segments:True"),
+                                                      ("max_split_size_mb:128", "max_split_size_mb:128")])
+def test_runs_use_expandable_cuda_segments_unless_the_user_chose_settings(monkeypatch, tmp_path, user_settings,
+                                                                          seen):
+    """What PYTORCH_CUDA_ALLOC_CONF holds when `train` takes its first step (a check or the accelerator, whichever
+    comes first: from then on the store, the model or CUDA may be touched)."""
+    from cogtune.train import trainer
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    use_cuda_allocator_defaults()
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
-    use_cuda_allocator_defaults()
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    if user_settings is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_settings)
+
+    class FirstStep(Exception):
+        pass
+
+    def first_step(*args):
+        raise FirstStep(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+
+    for name in ("check_run_paths", "check_run", "make_accelerator"):
+        monkeypatch.setattr(trainer, name, first_step, raising=name != "check_run_paths")
+    with pytest.raises(FirstStep) as stopped:
+        trainer.train(TrainConfig(store=tmp_path / "store", model="m", out=tmp_path / "run"))
+    assert stopped.value.args == (seen,)
+
+
+def test_pytorch_reads_the_allocator_settings_set_after_it_was_imported(tmp_path):
+    """cogtrain imports torch before `train` sets PYTORCH_CUDA_ALLOC_CONF: PyTorch must read the variable at its
+    allocator's first use, not at import. Its allocator settings are read back in a fresh process (the CPU build
+    parses them as a CUDA build does)."""
+    import subprocess
+    import sys
+
+    from cogtune.train.trainer import CUDA_ALLOCATOR
+
+    code = ("import os, torch\n"
+            f"os.environ['PYTORCH_CUDA_ALLOC_CONF'] = {CUDA_ALLOCATOR!r}\n"
+            "print(torch._C._accelerator_getAllocatorSettings())")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == CUDA_ALLOCATOR == "expandable_segments:True"
 
 
 def test_the_summary_gives_the_median_step_time_beside_the_wall_time(store, tiny_models, tmp_path):
@@ -405,7 +446,7 @@ def test_the_summary_gives_the_median_step_time_beside_the_wall_time(store, tiny
 
     run = tmp_path / "run"
     result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "5", "--validate-every", "5",
-                      "--validation-steps", "1")
+                      "--validation-inference-steps", "1")
     steps = [json.loads(line)["step_time"] for line in (run / "losses.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step_time_median_s"] == round(statistics.median(steps), 4)

@@ -4,6 +4,7 @@ state (loaded with weights_only), the data position and every generator state th
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from .data import StoreLoader
 from .run_lock import is_lock_file
 from .state import TRAIN_STATE_JSON, TrainState, load_checkpoint_dir, rng_file_name, save_checkpoint_dir
 
+log = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 
@@ -35,6 +38,8 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
         return None
     if config.resume == "latest":
         found = complete_checkpoints(config.out)
+        if not found:
+            log.info("--resume latest: no checkpoint in %s, starting a new run", config.out / CHECKPOINTS)
         return found[-1] if found else None
     path = Path(config.resume)
     if not (path / TRAIN_STATE_JSON).is_file():
@@ -103,7 +108,8 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
         # so that a checkpoint holds nothing that loading would unpickle
         for pickled in tmp.glob(f"{RNG_STATE_NAME}_*.pkl"):
             pickled.unlink(missing_ok=True)
-        save_checkpoint_dir(tmp, TrainState(step=step, sampler=position), rank=accelerator.process_index)
+        state = TrainState(step=step, sampler=position, extra={"processes": accelerator.num_processes})
+        save_checkpoint_dir(tmp, state, rank=accelerator.process_index)
     except Exception as e:
         if not is_write_failure(e):
             raise
@@ -120,6 +126,7 @@ def save_checkpoint(accelerator, run: Path, step: int, position: dict[str, Any],
         os.replace(tmp, final)
         shutil.rmtree(replaced, ignore_errors=True)
         fsync_dir(final.parent)
+        log.debug("checkpoint of step %d written: %s", step, final)
         if keep > 0:
             kept = f"{CHECKPOINT_PREFIX}{protect:06d}" if protect is not None else None
             for old in complete_checkpoints(run)[:-keep]:
@@ -157,18 +164,22 @@ def resume(accelerator, model: torch.nn.Module, lr_scheduler, loader: StoreLoade
     accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True}, **strict)
     state = load_checkpoint_dir(checkpoint, rank=accelerator.process_index)
     loader.load_state_dict(state.sampler)
-    world, saved_world = accelerator.num_processes, int(state.sampler.get("world_size", accelerator.num_processes))
+    # the sampler's world is the data-parallel degree (the processes over --sp-degree); the lr schedule's the
+    # processes. Checkpoints from before --sp-degree have one process per data-parallel rank.
+    world = loader.sampler.world_size
+    saved_world = int(state.sampler.get("world_size", world))
+    processes, saved_processes = accelerator.num_processes, int(state.extra.get("processes", saved_world))
     if state.rng is not None and saved_world == world:
         state.rng.restore()
-    elif saved_world == world:
+    elif saved_world == world and saved_processes == processes:
         raise CogtuneError(f"{checkpoint / rng_file_name(accelerator.process_index)}: missing (checkpoint damaged)")
     else:
         from accelerate.utils import set_seed
 
         set_seed(int(np.random.SeedSequence([seed, accelerator.process_index, state.step]).generate_state(1)[0]))
-    if saved_world != world:
+    if saved_processes != processes:
         # accelerate steps the schedule once per process per optimizer step: re-count it for this world
-        lr_scheduler.scheduler.last_epoch = state.step * world - 1
+        lr_scheduler.scheduler.last_epoch = state.step * processes - 1
         lr_scheduler.scheduler.step()
     return state.step
 

@@ -4,15 +4,16 @@ a missing optional package, a LoRA target that names no module, a run folder alr
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
+import threading
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
-from ..preprocess.plan import plan_against_store
+from ..preprocess.staleness import dataset_changes
 from ..shared import store as S
 from ..shared.errors import CogtuneError
 from ..shared.models import Model, is_hub_id, open_model
@@ -20,6 +21,8 @@ from ..shared.provenance import software_versions
 from .checkpoints import find_resume_checkpoint
 from .config import DEFAULT_TARGET_MODULES, TrainConfig
 from .math import RELEASE_IMAGE_DROPOUT
+
+log = logging.getLogger(__name__)
 
 TRAIN_COMPONENTS = ("transformer", "scheduler", "vae")
 """What the trainer opens: no text encoder (embeddings are cached); the VAE for its config and validation."""
@@ -39,10 +42,14 @@ class RunInputs:
     manifest: S.Manifest
     model: Model
     resume_from: Path | None
+    staleness: StalenessCheck | None = None
+    """The dataset check under way on rank 0 (None on other ranks and with --allow-stale): see
+    `confirm_dataset_current`."""
 
 
 def check_run(config: TrainConfig) -> RunInputs:
-    """Every refusal a run can meet before training; returns what the run needs."""
+    """Every refusal a run can meet before training; returns what the run needs. The dataset check is only
+    started here (rank 0, on a thread): `confirm_dataset_current` refuses a stale dataset on every rank."""
     config.validate()
     check_optional_packages(config)
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -54,13 +61,32 @@ def check_run(config: TrainConfig) -> RunInputs:
     check_target_modules(config, model)
     resolve_image_dropout(config, model)
     note_other_diffusers(manifest, config.store)
-    if not config.allow_stale:
-        check_dataset_current(config, manifest)
     if config.validate_every:
         from .validation import check_validation_inputs
 
         check_validation_inputs(model, config.store)
-    return RunInputs(manifest=manifest, model=model, resume_from=find_resume_checkpoint(config))
+    resume_from = find_resume_checkpoint(config)
+    # once per job, not once per rank: every rank would stat every clip of the dataset (see StalenessCheck)
+    main = int(os.environ.get("RANK", "0")) == 0
+    staleness = StalenessCheck(config, manifest) if main and not config.allow_stale else None
+    return RunInputs(manifest=manifest, model=model, resume_from=resume_from, staleness=staleness)
+
+
+def check_run_paths(config: TrainConfig) -> None:
+    """A file where a folder is wanted, and a cogprep store given as the run folder: one line each, before
+    anything (the run lock included) is written."""
+    for option, path, wanted in (("--store", config.store, "the store folder cogprep encode wrote"),
+                                 ("--dataset", config.dataset, "the dataset folder"),
+                                 ("--model", Path(config.model).expanduser(), "the model folder (or a hub id)")):
+        if path is not None and path.is_file():
+            # a file of the folder wanted (STORE/store.json, MODEL/model_index.json): name the folder
+            inside = path.name in (S.STORE_JSON, S.INDEX, "model_index.json")
+            raise CogtuneError(f"{path}: a file; {option} wants {wanted}" + (f": {path.parent}" if inside else ""))
+    if config.out.exists() and not config.out.is_dir():
+        raise CogtuneError(f"{config.out}: a file; --out wants the run folder (made if missing)")
+    if (config.out / S.STORE_JSON).exists() or (config.out / S.INDEX).exists():
+        raise CogtuneError(f"{config.out}: a cogprep store; --out wants a run folder of its own (e.g. "
+                           f"{config.out.parent / 'run'}), the store goes to --store")
 
 
 def note_other_diffusers(manifest: S.Manifest, store: Path) -> None:
@@ -68,9 +94,9 @@ def note_other_diffusers(manifest: S.Manifest, store: Path) -> None:
     tensors, and a change there (a fixed tiling seam, a new default) is invisible in the weights' fingerprints."""
     encoded = manifest.software.get("diffusers")
     running = software_versions()["diffusers"]
-    if encoded and encoded != running and os.environ.get("RANK", "0") == "0":
-        print(f"cogtrain: note: {store} was encoded under diffusers {encoded}, this run has {running}; if the VAE's "
-              f"code changed between them, cogprep encode --out NEW_STORE makes the latents anew", file=sys.stderr)
+    if encoded and encoded != running:
+        log.warning("%s was encoded under diffusers %s, this run has %s; if the VAE's code changed between "
+                    "them, cogprep encode --out NEW_STORE makes the latents anew", store, encoded, running)
 
 
 def resolve_image_dropout(config: TrainConfig, model: Model) -> None:
@@ -158,18 +184,55 @@ def check_target_modules(config: TrainConfig, model: Model) -> None:
         )
 
 
-def check_dataset_current(config: TrainConfig, manifest: S.Manifest) -> None:
-    """Refuse to train on a store whose dataset has new, changed or removed clips since it was encoded."""
-    dataset = config.dataset or manifest.dataset.get("path")
-    if dataset is None:
-        return  # a store that records no dataset (built by hand) has nothing to be checked against
+class StalenessCheck:
+    """Whether the dataset changed since the store was encoded, found on a thread of rank 0 while the model
+    loads and the loader is built: a million-clip dataset costs a stat per clip, which then delays no step.
+
+    `problem` waits for the answer: the refusal's one line, or None where the store is current."""
+
+    def __init__(self, config: TrainConfig, manifest: S.Manifest):
+        self._problem: str | None = None
+        self._error: BaseException | None = None
+        dataset = config.dataset or manifest.dataset.get("path")
+        # a store that records no dataset (built by hand) has nothing to be checked against
+        self._thread = threading.Thread(target=self._run, args=(dataset, config.store), daemon=True,
+                                        name="cogtrain-staleness") if dataset is not None else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _run(self, dataset: str | Path, store: Path) -> None:
+        try:
+            self._problem = dataset_change_problem(Path(dataset), store)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread by `problem`
+            self._error = error
+
+    def problem(self) -> str | None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._problem
+
+
+def dataset_change_problem(dataset: Path, store: Path) -> str | None:
+    """Why a run must not train on `store` (its dataset has new, changed or removed clips), or None."""
     try:
-        changes = plan_against_store(Path(dataset), config.store).changes
+        counts = dataset_changes(dataset, store)
     except CogtuneError as e:
-        raise CogtuneError(f"cannot check the store against its dataset ({e}): pass --dataset, or --allow-stale") from None
-    counts = {kind: len(changes.get(kind, [])) for kind in ("new", "changed", "removed")}
-    if any(counts.values()):
-        raise CogtuneError(
-            f"dataset changed since the store was encoded ({counts['new']} new, {counts['changed']} changed, "
-            f"{counts['removed']} removed): run cogprep encode, or pass --allow-stale"
-        )
+        return f"cannot check the store against its dataset ({e}): pass --dataset, or --allow-stale"
+    if any(counts[kind] for kind in ("new", "changed", "removed")):
+        return (f"dataset changed since the store was encoded ({counts['new']} new, {counts['changed']} changed, "
+                f"{counts['removed']} removed): run cogprep encode, or pass --allow-stale")
+    return None
+
+
+def confirm_dataset_current(staleness: StalenessCheck | None, accelerator) -> None:
+    """Refuse a stale dataset on every rank, from rank 0's check: call it on all ranks before anything is
+    written in the run folder."""
+    problem = [staleness.problem() if staleness is not None else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(problem, from_process=0)
+    if problem[0] is not None:
+        raise CogtuneError(problem[0])

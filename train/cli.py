@@ -1,23 +1,27 @@
 """cogtrain: fine-tune CogVideoX (LoRA or full) on a store written by cogprep.
 
 ``cogtrain run`` has one option per `TrainConfig` field, with the field's name and its docstring as help, so
-the config file keys, the saved ``RUN/config.yaml`` and the command line always agree.
+the config file keys, the saved ``RUN/config.yaml`` and the command line always agree; ``--quiet`` and
+``--verbose`` (how much it says) and ``--config`` are the command line's alone. Other trainers' option names
+are answered with ours (`train.peer_options`).
 """
 
 from __future__ import annotations
 
 import inspect
-import typing
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from ..shared.cli import make_app, quiet_bitsandbytes_import, quiet_hub_progress_bars
 from ..shared.config import config_option
 from ..shared.errors import exit_on_user_error
-from .config import TrainConfig, field_help, parse_target_modules
+from ..shared.log import setup_logging, verbosity
+from ..shared.options import dataclass_options
+from .config import TrainConfig, parse_target_modules
+from .peer_options import RENAMED, refuse_peer_options
 
 app = make_app(
     "cogtrain",
@@ -26,32 +30,36 @@ app = make_app(
 )
 
 
+class RunCommand(TyperCommand):
+    """``cogtrain run``: before click parses, another trainer's option name (or an old one of ours) is answered
+    with ours in one line, where click would suggest a near spelling (``--output_dir``: ``--optimizer``)."""
+
+    renamed_options = RENAMED
+    """Read by ``--config`` (`shared.config.apply_config`) to name the new key of a renamed one."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        ours = {name for param in self.params for name in (*param.opts, *param.secondary_opts)}
+        exit_on_user_error(refuse_peer_options)(args, ours)
+        return super().parse_args(ctx, args)
+
+
 def _comma_list(value: str | list[str]) -> str:
     """--target-modules as typed (``to_q,to_k``) or as a config file's list: one comma-separated string."""
     return ",".join(parse_target_modules(value))
 
 
 def run_parameters() -> list[inspect.Parameter]:
-    """The ``run`` command's options, one per TrainConfig field, plus ``--config``."""
-    hints = typing.get_type_hints(TrainConfig)
-    docs = field_help(TrainConfig)
-    parameters = []
-    for f in fields(TrainConfig):
-        if f.default is not MISSING:
-            default = f.default
-        elif f.default_factory is not MISSING:
-            default = f.default_factory()
-        else:
-            default = ...  # required
-        annotation, extra = hints[f.name], {}
-        if f.name == "target_modules":
-            annotation, default, extra = str, _comma_list(default), {"parser": _comma_list}
-        flag = f"--{f.name.replace('_', '-')}"
-        if annotation is bool:
-            flag = f"{flag}/--no-{f.name.replace('_', '-')}"
-        option = typer.Option(default, flag, help=docs[f.name], **extra)
-        parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                            annotation=annotation))
+    """The ``run`` command's options, one per TrainConfig field, plus ``--quiet``, ``--verbose`` and ``--config``."""
+    parameters = dataclass_options(TrainConfig)
+    for i, parameter in enumerate(parameters):
+        if parameter.name == "target_modules":  # typed as one comma-separated string, held as a list
+            option = typer.Option(_comma_list(parameter.default.default), "--target-modules",
+                                  help=parameter.default.help, parser=_comma_list)
+            parameters[i] = parameter.replace(default=option, annotation=str)
+    for name, words in (("quiet", "Say only warnings and errors: no banner, bar or step lines."),
+                        ("verbose", "Also log every step's metrics and each checkpoint written.")):
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                            default=typer.Option(False, f"--{name}", help=words)))
     parameters.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config_option(),
                                         annotation=Optional[Path]))
     return parameters
@@ -61,6 +69,7 @@ def run_parameters() -> list[inspect.Parameter]:
 def run(**options: Any) -> None:
     """Fine-tune MODEL on the cached tensors of STORE; weights, checkpoints and logs go to OUT."""
     options.pop("config")
+    setup_logging("cogtrain", verbosity(options.pop("quiet"), options.pop("verbose")))
     # both before the trainer's imports: the hub reads its switch on import, and peft imports bitsandbytes
     if not options["progress"]:
         quiet_hub_progress_bars()
@@ -76,7 +85,7 @@ def run(**options: Any) -> None:
 
 
 run.__signature__ = inspect.Signature(run_parameters())  # type: ignore[attr-defined]
-app.command()(run)
+app.command(cls=RunCommand)(run)
 
 
 def main() -> None:

@@ -29,9 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
-    get_resize_crop_region_for_grid,
-)
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..shared.variants import detect_variant
@@ -124,6 +121,21 @@ def rotary_embeddings(
                           c["sample_width"], latent_height, latent_width, num_latent_frames, str(device))
 
 
+def resize_crop_region_for_grid(grid: tuple[int, int], base_width: int, base_height: int
+                                ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The crop of the base grid the 1.0 rotary tables cover: ``get_resize_crop_region_for_grid`` of diffusers'
+    ``pipelines/cogvideo/pipeline_cogvideox.py``, line for line. Copied, not imported: importing that module
+    imports the pipelines (transformers, the LoRA loaders), seconds of start-up a run needs only to validate."""
+    height, width = grid
+    if height / width > base_height / base_width:
+        resize_height, resize_width = base_height, int(round(base_height / height * width))
+    else:
+        resize_width, resize_height = base_width, int(round(base_width / width * height))
+    top = int(round((base_height - resize_height) / 2.0))
+    left = int(round((base_width - resize_width) / 2.0))
+    return (top, left), (top + resize_height, left + resize_width)
+
+
 @functools.lru_cache(maxsize=64)
 def _rotary_tables(head_dim: int, p: int, p_t: int | None, sample_height: int, sample_width: int, latent_height: int,
                    latent_width: int, num_latent_frames: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +145,7 @@ def _rotary_tables(head_dim: int, p: int, p_t: int | None, sample_height: int, s
     if p_t is None:
         return get_3d_rotary_pos_embed(
             embed_dim=head_dim,
-            crops_coords=get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height),
+            crops_coords=resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height),
             grid_size=(grid_height, grid_width),
             temporal_size=num_latent_frames,
             device=device,

@@ -192,14 +192,15 @@ def _replace_folder(new: Path, final: Path) -> None:
 
 def write_model_card(
     out_dir: Path, config: Mapping[str, Any], base_model: str, variant: Variant | str, mode: str,
-    clip_fps: float | None = None, pictures: list[Path] = (),
+    clip_fps: float | None = None, pictures: list[Path] = (), size: tuple[int, int, int] | None = None,
 ) -> Path:
     """Write ``out_dir/README.md``: hub front matter, a copy-paste snippet that loads the output, the settings table.
 
     `config` is the run's settings (nested dicts become dotted names), `base_model` the model trained from
     (hub id or folder), `mode` ``lora`` or ``full``, `clip_fps` the frame rate cogprep sampled the clips at (None:
     each source's own), which sets the speed of the motion the weights learned; `pictures` (paths relative to
-    `out_dir`: the loss plot, the last validation sheet) are shown under it.
+    `out_dir`: the loss plot, the last validation sheet) are shown under it. `size` (frames, height, width) is
+    what the snippet renders at: the size the run trained at (default: the model's native size).
     """
     if mode not in ("lora", "full"):
         raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
@@ -223,7 +224,7 @@ def write_model_card(
             "## Use it",
             "",
             "```python",
-            _load_snippet(out_dir, base_model, variant, mode),
+            _load_snippet(out_dir, base_model, variant, mode, size),
             "```",
             "",
             "## Training settings",
@@ -275,8 +276,11 @@ def _task_words(variant: Variant) -> str:
     return "image-to-video" if variant.task == "i2v" else "text-to-video"
 
 
-def _load_snippet(out_dir: Path, base_model: str, variant: Variant, mode: str) -> str:
-    """Python that loads the base pipeline with this run's output and renders one video at the native size."""
+def _load_snippet(out_dir: Path, base_model: str, variant: Variant, mode: str,
+                  size: tuple[int, int, int] | None) -> str:
+    """Python that loads the base pipeline with this run's output and renders one video at `size` (frames,
+    height, width; default the native size)."""
+    frames, height, width = size or (variant.native_frames, variant.native_height, variant.native_width)
     pipeline = variant.pipeline_class
     dtype = f"torch.{variant.dtype}"
     imports = [pipeline] + (["CogVideoXTransformer3DModel"] if mode == "full" else [])
@@ -312,7 +316,7 @@ def _load_snippet(out_dir: Path, base_model: str, variant: Variant, mode: str) -
     lines += [
         "video = pipe(",
         f'    {image_arg}prompt="your prompt",',
-        f"    num_frames={variant.native_frames}, height={variant.native_height}, width={variant.native_width},",
+        f"    num_frames={frames}, height={height}, width={width},  # the size it trained at",
         "    guidance_scale=6.0, num_inference_steps=50,",
         ").frames[0]",
         f'export_to_video(video, "output.mp4", fps={variant.fps})',
@@ -333,8 +337,9 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
 
 
 def _cell(value: Any) -> str:
-    """A value as one markdown table cell: strings as they are, the rest as JSON; pipes escaped."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    """A value as one markdown table cell: strings as they are, None as ``none``, the rest as JSON; pipes
+    escaped."""
+    text = value if isinstance(value, str) else "none" if value is None else json.dumps(value, default=str)
     return text.replace("\n", " ").replace("|", "\\|")
 
 

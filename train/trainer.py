@@ -19,7 +19,9 @@ the T5 encoder is never loaded, the VAE only by validation.
 
 Resume is exact: the weights, optimizer and lr schedule come back from accelerate's state, the data position and
 every generator state from `train.state`, and each step draws its noise from a generator seeded by
-(seed, rank, step), so an interrupted run resumed from a checkpoint takes the same steps as one never stopped.
+(seed, data-parallel rank, step), so an interrupted run resumed from a checkpoint takes the same steps as one never
+stopped. The ranks of one sequence-parallel group (`train.sequence_parallel`) share a data-parallel rank: they read
+the same batch and draw the same noise.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,23 +41,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
+from ..shared.log import MAIN_ONLY
 from ..shared.models import Model
 from ..shared.provenance import software_versions
 from .checkpoints import CHECKPOINTS, complete_checkpoints, register_lora_checkpoint_hook, resume, save_checkpoint
-from .checks import RunInputs, check_run
+from .checks import RunInputs, check_run, check_run_paths, confirm_dataset_current
 from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .evaluation import Evaluator, holdout_rows
 from .math import TrainBatch, drop_captions, drop_images, training_step
 from .plots import PLOT, write_loss_plot
 from .preemption import Preempted, StopSignals
+from .progress import RunProgress, start_banner, wants_bar
 from .run_lock import hold_run_folder
+from .sequence_parallel import SequenceParallel
 from .state import RngStates
 from .validation import most_common_bucket
+
+log = logging.getLogger(__name__)
 
 LOSSES = "losses.jsonl"
 SAMPLES = "samples"
@@ -170,7 +176,8 @@ def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
 
 
 def step_generator(seed: int, rank: int, batch_number: int, device: torch.device) -> torch.Generator:
-    """The generator of one batch's draws, from (seed, rank, batch): a resumed run draws the same noise."""
+    """The generator of one batch's draws, from (seed, data-parallel rank, batch): a resumed run draws the same
+    noise, and every rank of a sequence-parallel group the same."""
     words = np.random.SeedSequence([seed, rank, batch_number]).generate_state(2, dtype=np.uint32)
     return torch.Generator(device=device).manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
 
@@ -196,6 +203,7 @@ def use_cuda_allocator_defaults() -> None:
 def train(config: TrainConfig) -> TrainResult:
     """Run the checks, then train; on every rank of a launch (torchrun / accelerate launch) or alone."""
     use_cuda_allocator_defaults()
+    check_run_paths(config)  # before the lock below creates --out: a file or a store there is refused untouched
     # the job's rank 0 holds the run folder from its first check on: a second run into it is refused at once
     main = int(os.environ.get("RANK", "0")) == 0
     with hold_run_folder(config.out) if main else contextlib.nullcontext():
@@ -227,12 +235,17 @@ class Stepper:
     """Dtype the embeddings are fed in: the frozen weights' (the pipelines feed the transformer's dtype)."""
     compile_counter: Any = None
     """With --compile, the `train.compile.CompileCounter` of the transformer's blocks."""
+    sequence: SequenceParallel | None = None
+    """This rank's sequence-parallel group (--sp-degree): its ranks share each batch. None: one rank per batch."""
 
     def __post_init__(self) -> None:
         # listed once: walking every parameter of a 5B model each step costs time for nothing
         self.trained = [p for p in self.model.parameters() if p.requires_grad]
         self.trained_rows: list[int] = []
         """Index rows of this rank's batches in the last step."""
+        if self.sequence is None:
+            self.sequence = SequenceParallel(degree=1, rank=0, dp_rank=self.accelerator.process_index,
+                                             dp_degree=self.accelerator.num_processes)
 
     def step(self, step: int, batches, stop_requested: bool = False) -> tuple[dict[str, float], dict[str, Any], bool]:
         """Optimizer step `step` (from 1) over the next --gradient-accumulation-steps batches.
@@ -251,7 +264,8 @@ class Stepper:
             waited = time.perf_counter()
             batch, position = next(batches)
             data_wait += time.perf_counter() - waited
-            generator = step_generator(config.seed, accelerator.process_index, (step - 1) * accumulation + micro,
+            # the ranks of a sequence-parallel group draw alike: their data-parallel rank seeds the draws
+            generator = step_generator(config.seed, self.sequence.dp_rank, (step - 1) * accumulation + micro,
                                        device)
             train_batch = to_train_batch(batch, device, self.embed_dtype)
             if config.caption_dropout > 0:
@@ -259,12 +273,12 @@ class Stepper:
                                                           config.caption_dropout, generator)
             if train_batch.image_latents is not None and config.image_dropout:
                 train_batch.image_latents = drop_images(train_batch.image_latents, config.image_dropout, generator)
-            with accelerator.accumulate(self.model):
+            with accelerator.accumulate(self.model), self.sequence.sharding():
                 loss = training_step(self.model, self.noise_scheduler, train_batch,
                                      vae_scaling_factor=self.vae_config["scaling_factor"],
                                      invert_scale_latents=bool(self.vae_config.get("invert_scale_latents", False)),
                                      generator=generator, transformer_config=self.transformer_config)
-                accelerator.backward(loss)
+                accelerator.backward(loss * self.sequence.loss_scale)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(self.trained, config.max_grad_norm or math.inf)
                 self.optimizer.step()
@@ -283,7 +297,7 @@ class Stepper:
             "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "step_time": seconds,
             "data_wait": data_wait,  # of step_time, waiting for the loader: near 0 unless storage is too slow
-            "samples_per_s": totals[1].item() / seconds,
+            "samples_per_s": totals[1].item() / self.sequence.degree / seconds,  # a group counts its sample once
         }
         if device.type == "cuda":  # not on a CUDA machine told --device cpu
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -300,8 +314,11 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
         from .base_weights import check_fp8_parallelism
 
         check_fp8_parallelism(accelerator)
+    heads = inputs.model.config("transformer")["num_attention_heads"]
+    sequence = SequenceParallel.setup(config.sp_degree, accelerator, heads, inputs.model.variant.name)
     set_seed(config.seed)  # the LoRA init draws from the global generators: the same on every rank
     transformer = build_transformer(config, inputs.model)
+    sequence.attach(transformer)
     compile_counter = None
     if config.compile:
         from .compile import compile_blocks
@@ -309,7 +326,8 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
         compile_counter = compile_blocks(transformer)
     transformer_config = dict(transformer.config)
     optimizer = make_optimizer(config, [p for p in transformer.parameters() if p.requires_grad])
-    loader = make_loader(config, accelerator.process_index, world, holdout_rows(config.store, config.eval_holdout))
+    loader = make_loader(config, sequence.dp_rank, sequence.dp_degree,
+                         holdout_rows(config.store, config.eval_holdout))
     max_steps = total_steps(config, loader.steps_per_epoch)
     # accelerate steps a prepared schedule once per process per optimizer step
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
@@ -330,6 +348,7 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
         empty_embedding=S.read_extras(config.store)[0]["empty_embedding"].to(accelerator.device, embed_dtype),
         embed_dtype=embed_dtype,
         compile_counter=compile_counter,
+        sequence=sequence,
     )
     return stepper, loader, max_steps
 
@@ -341,10 +360,12 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
     if inputs.resume_from is not None:
         start_step = resume(accelerator, stepper.model, stepper.lr_scheduler, loader, inputs.resume_from, config.mode,
                             config.seed)
+    confirm_dataset_current(inputs.staleness, accelerator)  # rank 0's check ran while the model loaded
     if accelerator.is_main_process:
         start_run_folder(config, start_step)
     accelerator.init_trackers("cogtrain", config=tracker_config(config))
     accelerator.wait_for_everyone()
+    log.info(run_banner(config, inputs, loader, accelerator, start_step, max_steps))
 
     validation_size = most_common_bucket(inputs.manifest)
     losses: list[float] = []
@@ -356,8 +377,7 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
     # every rank reads it (after rank 0 cut losses.jsonl back): eval figures are equal on all ranks, so all
     # reach the same decisions on the best step without a collective
     best = best_eval(config.out / LOSSES)
-    bar = tqdm(total=max_steps, initial=start_step, unit="step", desc="cogtrain", dynamic_ncols=True,
-               disable=not (accelerator.is_main_process and config.progress))
+    progress = RunProgress(max_steps, start_step, bar=wants_bar(config.progress), log_every=config.log_every)
     batches = iter(loader)
     try:
         with StopSignals() as signals:
@@ -376,8 +396,7 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                     log_samples(config.out, accelerator.process_index, step, stepper.trained_rows)
                 if accelerator.is_main_process:
                     log_step(config.out, step, position, metrics)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                progress.step_done(step, metrics)
                 if stopping or step % config.checkpoint_every == 0 or step == max_steps or (improved and config.keep_best):
                     keep = best[0] if config.keep_best and best else None
                     checkpoint = save_checkpoint(accelerator, config.out, step, position, config.keep_checkpoints,
@@ -386,28 +405,38 @@ def _train(config: TrainConfig, inputs: RunInputs, accelerator) -> TrainResult:
                         write_loss_plot(config.out)
                 if stopping:  # the step in flight is checkpointed: leave before validation and the outputs
                     preempted = Preempted(step, str(checkpoint), signals.received)
-                    if accelerator.is_main_process:  # before the teardown, which a launcher may cut short
-                        bar.close()
-                        print(f"cogtrain: {preempted}", file=sys.stderr, flush=True)
+                    progress.close()
+                    log.warning("%s", preempted, extra=MAIN_ONLY)  # before the teardown a launcher may cut short
                     raise preempted
                 # the last step's validation comes after the weights are written: it can never cost them
                 if config.validate_every and step % config.validate_every == 0 and step < max_steps:
-                    validate(config, accelerator, stepper.model, inputs.model, step, validation_size)
+                    validate(config, accelerator, stepper.model, inputs.model, step, validation_size, progress)
     finally:
         batches.close()
-        bar.close()
+        progress.close()
     seconds = time.perf_counter() - started
-    clip_fps = inputs.manifest.settings.get("sampling", {}).get("fps")
+    card = CardFacts(clip_fps=inputs.manifest.settings.get("sampling", {}).get("fps"), steps=max_steps,
+                     batch_sizes=dict(loader.sampler.batch_sizes), size=validation_size,
+                     dataset=config.dataset or inputs.manifest.dataset.get("path"))
     outputs = finish_run(config, accelerator, stepper.model, inputs.model, start_step + len(losses), losses, seconds,
-                         loader.dataset.damaged, step_times, clip_fps, best,
+                         loader.dataset.damaged, step_times, card, best,
                          compiles=stepper.compile_counter.compiles if stepper.compile_counter else None)
     if config.validate_every and losses:
-        if accelerator.is_main_process:
-            print(f"cogtrain: validation videos of step {max_steps}", file=sys.stderr, flush=True)
-        validate(config, accelerator, stepper.model, inputs.model, max_steps, validation_size)
+        validate(config, accelerator, stepper.model, inputs.model, max_steps, validation_size, progress)
         if accelerator.is_main_process:  # the card shows the last contact sheet, made just now
-            write_card(config, inputs.model, clip_fps)
+            write_card(config, inputs.model, card)
     return TrainResult(run=config.out, steps=max_steps, losses=losses, outputs=outputs, seconds=seconds)
+
+
+def run_banner(config: TrainConfig, inputs: RunInputs, loader: StoreLoader, accelerator, start_step: int,
+               max_steps: int) -> str:
+    """The start banner (`train.progress.start_banner`) of this run."""
+    device = f"{accelerator.device.type}, {config.mixed_precision} mixed precision"
+    return start_banner(run=config.out, start_step=start_step, max_steps=max_steps,
+                        resumed_from=inputs.resume_from, processes=accelerator.num_processes, device=device,
+                        store=config.store, row_buckets=loader.dataset.training_row_buckets,
+                        batch_sizes=loader.sampler.batch_sizes, held_out=len(loader.dataset.held_out),
+                        steps_per_epoch=loader.steps_per_epoch, accumulation=config.gradient_accumulation_steps)
 
 
 def start_run_folder(config: TrainConfig, start_step: int) -> None:
@@ -458,9 +487,9 @@ def tracker_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, step: int,
-             size: tuple[int, int, int]) -> None:
-    """Validation videos written by rank 0. The generators are put back afterwards, so a run with validation
-    trains exactly as one without.
+             size: tuple[int, int, int], progress: RunProgress | None = None) -> None:
+    """Validation videos written by rank 0, announced with their own `progress`. The generators are put back
+    afterwards, so a run with validation trains exactly as one without.
 
     With whole weights on every rank (one process, DDP) rank 0 generates alone and the others wait. With
     sharded weights (FSDP, ZeRO-3) every forward pass gathers each layer from all ranks, a collective they must
@@ -474,13 +503,12 @@ def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_inf
         try:
             run_validation(accelerator.unwrap_model(model), model_info, config.store, config.out, step,
                            device=accelerator.device, dtype=WEIGHT_DTYPES[config.mixed_precision], seed=config.seed,
-                           num_inference_steps=config.validation_steps, num_frames=frames, height=height,
-                           width=width, write=accelerator.is_main_process)
+                           num_inference_steps=config.validation_inference_steps, num_frames=frames,
+                           height=height, width=width, write=accelerator.is_main_process, progress=progress)
         except Exception as e:  # out of memory, a codec error: the videos are lost, never the run
             # (with sharded weights a rank that fails here leaves the others in a collective: nothing to catch)
-            if accelerator.is_main_process:
-                print(f"cogtrain: validation at step {step} failed, training goes on: {type(e).__name__}: {e}",
-                      file=sys.stderr, flush=True)
+            log.warning("validation at step %d failed, training goes on: %s: %s", step, type(e).__name__, e,
+                        extra=MAIN_ONLY)
         finally:
             generators.restore()
     accelerator.wait_for_everyone()
@@ -516,7 +544,7 @@ def weights_digests(accelerator, model: torch.nn.Module) -> list[str] | None:
 
 def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_info: Model, steps: int,
                losses: list[float], seconds: float, damaged: list[dict[str, Any]],
-               step_times: list[float], clip_fps: float | None, best: tuple[int, float] | None,
+               step_times: list[float], card: CardFacts, best: tuple[int, float] | None,
                compiles: int | None = None) -> list[Path]:
     """Rank 0 writes the trained weights, the model card and summary.json, and prints the summary.
 
@@ -544,8 +572,7 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
         else:
             weights = save_full(transformer, config.out, state_dict=gathered)
         write_loss_plot(config.out)
-        card = write_card(config, model_info, clip_fps)
-        outputs = [weights, card]
+        outputs = [weights, write_card(config, model_info, card)]
         summary = {
             "steps": steps,
             "steps_per_rank": steps_per_rank,
@@ -567,35 +594,65 @@ def finish_run(config: TrainConfig, accelerator, model: torch.nn.Module, model_i
     return outputs
 
 
-def write_card(config: TrainConfig, model_info: Model, clip_fps: float | None) -> Path:
+@dataclass
+class CardFacts:
+    """What the model card states beyond the options as given: the values the run resolved them to."""
+
+    clip_fps: float | None
+    """The frame rate cogprep sampled the clips at (None: each source's own)."""
+    steps: int
+    """Optimizer steps of the whole run (--max-steps, or what --epochs came to)."""
+    batch_sizes: dict[str, int]
+    """Each bucket's batch size (--batch-size, else the store's)."""
+    size: tuple[int, int, int]
+    """(frames, height, width) the run validated at: its most common bucket."""
+    dataset: str | Path | None
+    """The dataset the store was checked against (--dataset, else the one store.json records)."""
+
+
+def card_settings(config: TrainConfig, card: CardFacts, model: str) -> dict[str, Any]:
+    """The settings table: every option with the value the run used (absolute paths, `model` as the card names
+    it, the LoRA alpha in effect, each bucket's batch size, the step count), no option left at null; ``none``
+    where an option is off."""
+    settings = config.to_dict()
+    settings.update(
+        model=model, store=str(config.store.resolve()), out=str(config.out.resolve()), max_steps=card.steps,
+        lora_alpha=config.alpha, batch_size=card.batch_sizes,
+        dataset=str(Path(card.dataset).resolve()) if card.dataset is not None else "none",
+    )
+    return {name: "none" if value is None else value for name, value in settings.items()}
+
+
+def write_card(config: TrainConfig, model_info: Model, card: CardFacts) -> Path:
     """The model card, with the loss plot and the last validation contact sheet where the run made them."""
+    from ..shared.models import is_hub_id
     from .outputs import write_model_card
 
     sheets = sorted((config.out / "validation").glob("step-*.png"))
     pictures = [p.relative_to(config.out) for p in (config.out / PLOT, *sheets[-1:]) if p.exists()]
-    return write_model_card(config.out, config.to_dict(), model_info.source, model_info.variant,
-                            OUTPUT_KIND[config.mode], clip_fps=clip_fps, pictures=pictures)
+    base = model_info.source if is_hub_id(model_info.source) else str(model_info.path)  # a local folder: absolute
+    return write_model_card(config.out, card_settings(config, card, base), base, model_info.variant,
+                            OUTPUT_KIND[config.mode], clip_fps=card.clip_fps, pictures=pictures, size=card.size)
 
 
 def print_summary(config: TrainConfig, summary: dict[str, Any], outputs: list[Path],
                   digests: list[str] | None) -> None:
     trained, seconds = summary["steps_this_run"], summary["seconds_this_run"]
-    line = f"cogtrain: step {summary['steps']}"
+    line = f"step {summary['steps']}"
     if trained:
         line += (f", {trained} trained in {seconds:.1f} s of wall time (start-up, checkpoints and validation "
                  f"included); median step {summary['step_time_median_s']:.3f} s")
         line += f", final loss {summary['final_loss']:.4f}"
-    print(line)
-    for path in outputs:
-        print(f"  {path}")
+    lines = [line, *(f"  {path}" for path in outputs)]
     checkpoints = complete_checkpoints(config.out)
     if checkpoints:
-        print(f"  {checkpoints[-1]}  (resume with --resume latest)")
+        lines.append(f"  {checkpoints[-1]}  (resume with --resume latest)")
     if summary["compiles"] is not None:
-        print(f"  {summary['compiles']} compiles of the transformer blocks (--compile; shapes are dynamic: not one "
-              f"per bucket)")
+        lines.append(f"  {summary['compiles']} compiles of the transformer blocks (--compile; shapes are dynamic: "
+                     f"not one per bucket)")
+    log.info("\n".join(lines))
     if summary["damaged_samples_skipped"]:
-        print(f"  skipped {len(summary['damaged_samples_skipped'])} damaged samples (listed in summary.json): "
-              f"run cogprep verify {config.store}, then cogprep encode", file=sys.stderr)
+        log.warning("skipped %d damaged samples (listed in summary.json): run cogprep verify %s, then cogprep "
+                    "encode", len(summary["damaged_samples_skipped"]), config.store)
     if digests is not None and len(set(digests)) > 1:
-        print("warning: the ranks ended with different weights (see summary.json)", file=sys.stderr)
+        log.warning("the ranks ended with different weights (see summary.json)")

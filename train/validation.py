@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers.training_utils import free_memory
 
 from ..shared.errors import CogtuneError
 from ..shared.models import Model
@@ -43,6 +43,7 @@ def run_validation(
     height: int | None,
     width: int | None,
     write: bool = True,
+    progress: Any = None,
 ) -> list[Path]:
     """Render one video per validation prompt of `store` to ``out_dir/validation/step-XXXXXX-{i}.mp4``.
 
@@ -51,7 +52,8 @@ def run_validation(
     `height` and `width` default to the store's most common bucket (`most_common_bucket`, what the trainer
     passes). Every prompt starts from the same noise (`seed`) at every step, so videos of different steps differ
     only by what training changed. The transformer is put in eval mode for generation and given back in the
-    mode it came in.
+    mode it came in. `progress` (a `train.progress.RunProgress`) announces the round and follows each denoising
+    step.
     """
     tensors, metadata = read_extras(Path(store))
     prompts = json.loads(metadata.get("validation_prompts") or "[]")
@@ -62,9 +64,20 @@ def run_validation(
     if model.variant.task == "i2v":
         resize = Manifest.load(store).settings.get("resize", "crop")
         images = validation_images(tensors, len(prompts), store, size[1], size[2], resize)
+    announced = progress.validation(step, len(prompts), num_inference_steps) if progress else nullcontext()
+    with announced as on_step:  # announced before the VAE loads: that takes a while too
+        return _render(transformer, model, prompts, tensors, images, size, out_dir, step, device, dtype, seed,
+                       num_inference_steps, write, on_step)
+
+
+def _render(transformer, model, prompts, tensors, images, size, out_dir, step, device, dtype, seed,
+            num_inference_steps, write, on_step) -> list[Path]:
+    """`run_validation`'s videos and contact sheet; `on_step`: the pipeline's ``callback_on_step_end``."""
+    from diffusers.training_utils import free_memory  # imports the pipelines: only when validating
+
     net = unwrap_model(transformer)
     was_training = net.training
-    vae = model.load_vae(dtype).to(device)
+    vae = model.load_vae(dtype, device)
     _, frame_height, frame_width = size
     tile_large_frames(vae, frame_height, frame_width)
     pipe = model.pipeline_class()(
@@ -75,7 +88,7 @@ def run_validation(
     try:
         paths, videos = [], []
         for i in range(len(prompts)):
-            frames = _generate(pipe, tensors, i, images, size, device, dtype, seed, num_inference_steps)
+            frames = _generate(pipe, tensors, i, images, size, device, dtype, seed, num_inference_steps, on_step)
             if write:
                 path = Path(out_dir) / "validation" / f"step-{step:06d}-{i}.mp4"
                 write_video(path, frames, fps=model.variant.fps)
@@ -101,8 +114,10 @@ def tile_large_frames(vae, height: int, width: int) -> None:
         vae.enable_tiling()
 
 
-def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_inference_steps) -> np.ndarray:
-    """One validation video as uint8 [F, H, W, 3], from prompt `index`'s cached embedding."""
+def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_inference_steps,
+              on_step=None) -> np.ndarray:
+    """One validation video as uint8 [F, H, W, 3], from prompt `index`'s cached embedding; `on_step` is called
+    after each denoising step."""
     num_frames, height, width = size
     kwargs = dict(
         prompt_embeds=tensors[f"validation_embedding_{index}"][None].to(device, dtype),
@@ -115,6 +130,7 @@ def _generate(pipe, tensors, index, images, size, device, dtype, seed, num_infer
         # a CPU generator draws the same noise on any device
         generator=torch.Generator().manual_seed(seed),
         output_type="np",
+        callback_on_step_end=on_step,
     )
     if images is not None:
         kwargs["image"] = images[index]
