@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from bench_report import print_json
 from cogtune.preprocess.verify import verify_store
 from cogtune.shared import store as S
 
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         "verify": results["b_verify"]["slowdown_vs_plain_read"] <= TARGET_VERIFY_SLOWDOWN,
     }
     print_table(results)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text)
+    print_json(results, args.json_out)
 
 
 # ---------------------------------------------------------------------------------------------------------

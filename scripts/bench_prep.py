@@ -43,6 +43,7 @@ from pathlib import Path
 import cogtune
 import numpy as np
 import torch
+from bench_report import print_json
 from cogtune.preprocess import compute as ops
 from cogtune.preprocess import encode as E
 from cogtune.preprocess.cli import app
@@ -107,10 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(results)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    print_json(results, args.json_out)
 
 
 def run(args, work: Path) -> dict:

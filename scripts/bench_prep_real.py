@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_report import print_json
 from cogvideox_5b import T5_XXL, VAE_5B, VAE_15, materialize
 from diffusers import AutoencoderKLCogVideoX
 from diffusers.utils import logging as diffusers_logging
@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_logging.set_verbosity_error()  # materialize's dtype cast warns about modules no VAE here has
     results = run(args)
     print_table(results)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    print_json(results, args.json_out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_report import print_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -75,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(results)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text + "\n")
+    print_json(results, args.json_out)
 
 
 def run(counts: list[int], work: Path) -> dict:

@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_report import print_json
+
 PIPELINE_MODULE = "diffusers.pipelines.cogvideo.pipeline_cogvideox"
 MARKER = "COGTUNE-FIRST-STEP"
 TARGET_IMPORT_S = 3.0
@@ -139,10 +141,7 @@ def main() -> None:
         print(f"{variant:<12}{figures['import_s_median']:>20.2f}{wall if wall is not None else '':>22}  {loaded}")
     print(f"target: cogtrain under {TARGET_IMPORT_S} s of imports before its first step: "
           f"{'met' if report['pass'] else 'not met'}")
-    text = json.dumps(report, indent=2)
-    print(text)
-    if options.json:
-        options.json.write_text(text)
+    print_json(report, options.json)
 
 
 if __name__ == "__main__":

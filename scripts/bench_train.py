@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
+from bench_report import print_json
 from cogtune.preprocess.cli import app as cogprep_app
 from cogtune.preprocess.compute import encode_prompts
 from cogtune.shared import store as S
@@ -142,20 +143,14 @@ def main(argv: list[str] | None = None) -> None:
             counts = runs[0] if len(runs) == 1 else {"sp_degrees": runs}
             if len(runs) > 1:
                 print_sp_table(runs)
-            text = json.dumps(counts, indent=2)
-            print(text)
-            if args.json:
-                args.json.write_text(text + "\n")
+            print_json(counts, args.json)
             return
         results = run_rounds(args, argv, work)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(results)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    print_json(results, args.json)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
