@@ -1,9 +1,16 @@
-"""cogprep: encode a video dataset once into a bucketed, content-keyed store for cogtrain."""
+"""cogprep: encode a video dataset once into a bucketed, content-keyed store for cogtrain.
+
+What a command does is said through the logger (`shared.log`: ``cogprep: `` lines, rank 0 alone under a
+launcher, ``--quiet`` and ``--verbose``); what a command exists to print (inspect's tables, status's verdict,
+verify's damaged samples, gc --dry-run's plan) is its output, printed plainly at any verbosity.
+"""
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -21,10 +28,11 @@ from ..shared.cli import make_app, quiet_hub_progress_bars, wide_console
 from ..shared.disk import human_bytes
 from ..shared.errors import CogtuneError, exit_on_user_error
 from ..shared.fingerprint import FileHashes
+from ..shared.log import setup_logging, shown, verbosity
 from ..shared.models import Model, open_model
 from .datasets import read_dataset
-from .encode import PREP_COMPONENTS, dist_info, model_fingerprints, run_encode
-from .options import EncodeRequest, encode_parameters, sampling_fps
+from .encode import PREP_COMPONENTS, model_fingerprints, run_encode
+from .options import EncodeRequest, encode_parameters, quiet_option, sampling_fps, verbose_option
 from .plan import CACHE_DIR, EncodeSettings, plan_against_store, skip_kind
 from .staleness import current_by_columns
 
@@ -33,6 +41,13 @@ app = make_app(
     "Encode a video dataset once (VAE latents, T5 embeddings, I2V first frames) into a bucketed store that "
     "cogtrain reads; re-running after a dataset edit encodes only what changed.",
 )
+log = logging.getLogger("cogtune.preprocess.cli")  # not __name__, which is __main__ under python -m
+STATUS_LISTED = 20
+"""Sources of each kind (new, changed, removed) cogprep status lists; --verbose lists them all."""
+
+
+def _start_logging(quiet: bool, verbose: bool) -> None:
+    setup_logging("cogprep", verbosity(quiet, verbose))
 
 
 def _bucket_spec(model: Model, resolution: str | None, buckets: Path | None) -> BucketSpec:
@@ -51,8 +66,10 @@ def _bucket_spec(model: Model, resolution: str | None, buckets: Path | None) -> 
 def encode(**values: Any) -> None:
     """Encode DATASET into the store OUT (only what is new or changed when OUT exists)."""
     values.pop("config")
+    _start_logging(values.pop("quiet"), values.pop("verbose"))
     request = EncodeRequest.from_options(values)
-    inputs, run = request.inputs, request.run
+    inputs = request.inputs
+    run = replace(request.run, progress=request.run.progress and shown())  # bars: rank 0, not --quiet
     if not run.progress:
         quiet_hub_progress_bars()
     request.check_out()
@@ -69,7 +86,7 @@ def encode(**values: Any) -> None:
     info = {"path": str(request.dataset.resolve()), "layout": data.layout, "file": str(data.file),
             "caption_column": inputs.caption_column, "video_column": inputs.video_column, "id_token": inputs.id_token}
     result = run_encode(data, m, inputs.out, spec, settings, run, info)
-    if dist_info()[0] == 0:
+    if shown():  # the other ranks have nothing to count: rank 0 committed every rank's work
         _print_summary(inputs.out, result)
 
 
@@ -90,15 +107,15 @@ def _print_summary(store: Path, result) -> None:
     table.add_row("[b]total[/b]", f"[b]{len(rows)}[/b]")
     console.print(table)
     changes = {k: len(v) for k, v in result.plan.changes.items()}
-    # soft_wrap: a summary line stays one line, in a terminal and in a log file alike
-    console.print(f"encoded {result.encoded_videos} clips and {result.encoded_texts} captions "
-                  f"(sources new {changes['new']}, changed {changes['changed']}, removed {changes['removed']}, "
-                  f"unchanged {changes['unchanged']}); {human_bytes(S.disk_bytes(store))} on disk; "
-                  f"{result.seconds:.1f} s", soft_wrap=True)
+    log.info("encoded %d clips and %d captions (sources new %d, changed %d, removed %d, unchanged %d); %s on disk; "
+             "%.1f s", result.encoded_videos, result.encoded_texts, changes["new"], changes["changed"],
+             changes["removed"], changes["unchanged"], human_bytes(S.disk_bytes(store)), result.seconds)
     if result.skipped:
         kinds = Counter(skip_kind(b.reason) for b in result.skipped)
-        console.print(f"skipped {len(result.skipped)}: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
-                      + f" (details in {Path(store) / S.REPORT})", soft_wrap=True, markup=False, highlight=False)
+        log.info("skipped %d: %s (details in %s)", len(result.skipped),
+                 ", ".join(f"{k} {n}" for k, n in kinds.most_common()), Path(store) / S.REPORT)
+        for bad in result.skipped:
+            log.debug("skipped item: %s", bad.reason)
 
 
 @app.command(short_help="What an encode would do; exit 1 when the store is stale.")
@@ -109,8 +126,11 @@ def status(
     store: Path = typer.Option(..., "--store", help="The store folder to compare with."),
     model: Optional[str] = typer.Option(None, help="Model to compare with (default: the one the store was made with)."),
     rehash: bool = typer.Option(False, help="Re-hash every source file instead of trusting unchanged size and mtime."),
+    quiet: bool = quiet_option("the verdict alone, no counts or sources"),
+    verbose: bool = verbose_option(f"list every new, changed and removed source, not the first {STATUS_LISTED}"),
 ) -> None:
     """Print what an encode would do (new / changed / removed / unchanged); exit 1 when the store is stale."""
+    _start_logging(quiet, verbose)
     hashes = FileHashes(Path(store) / CACHE_DIR / "files.json", rehash=rehash)
     manifest = S.Manifest.load(store)
     m = open_model(model or manifest.model["path"], PREP_COMPONENTS)
@@ -120,17 +140,17 @@ def status(
     # the common case, decided by columns: no key derived, no cache read (see preprocess/staleness.py)
     current = None if rehash else current_by_columns(dataset, store, fingerprints)
     if current is not None:
-        typer.echo(f"new 0 changed 0 removed 0 unchanged {current.unchanged}; to encode: 0 clips, 0 captions; "
-                   f"bad items {current.bad}")
+        log.info("new 0 changed 0 removed 0 unchanged %d; to encode: 0 clips, 0 captions; bad items %d",
+                 current.unchanged, current.bad)
         typer.echo("store is current")
         return
     plan = plan_against_store(dataset, store, fingerprints, hashes)
     counts = {k: len(v) for k, v in plan.changes.items()}
-    typer.echo(" ".join(f"{k} {counts[k]}" for k in ("new", "changed", "removed", "unchanged"))
-               + f"; to encode: {len(plan.video_jobs)} clips, {len(plan.text_jobs)} captions; bad items {len(plan.bad)}")
+    log.info(" ".join(f"{k} {counts[k]}" for k in ("new", "changed", "removed", "unchanged"))
+             + f"; to encode: {len(plan.video_jobs)} clips, {len(plan.text_jobs)} captions; bad items {len(plan.bad)}")
     for kind in ("new", "changed", "removed"):
-        for source in plan.changes[kind][:20]:
-            typer.echo(f"  {kind}: {source}")
+        for i, source in enumerate(plan.changes[kind]):
+            log.log(logging.INFO if i < STATUS_LISTED else logging.DEBUG, "%s: %s", kind, source)
     if plan.stale or plan.video_jobs or plan.text_jobs:
         typer.echo("store is stale: run cogprep encode")
         raise typer.Exit(1)
@@ -143,23 +163,28 @@ def verify(
     store: Path = typer.Argument(..., metavar="STORE", help="The store folder to check."),
     workers: int = typer.Option(0, help="Threads reading and inflating members at once (0: one per core; inflating, not the disk, sets verify's speed)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    quiet: bool = quiet_option("the damaged samples alone, no bar or summary line"),
+    verbose: bool = verbose_option("also each damaged item's key (what re-encoding replaces) and problem"),
 ) -> None:
     """Read back every cached member the index points at (sizes, gzip CRC, safetensors, shapes and dtypes);
     list the damaged samples, record them for the next cogprep encode to re-encode, exit 1 if any."""
     from .verify import record_damage, verify_store
 
+    _start_logging(quiet, verbose)
     with S.store_lock(store):
-        result = verify_store(store, workers=workers, progress=progress)
+        result = verify_store(store, workers=workers, progress=progress and shown())
         record_damage(store, result)
+    for item, problem in result.damaged_items.items():
+        log.debug("damaged item %s: %s", item, problem)
     for sample in result.damaged_samples:
         typer.echo(f"damaged: {sample['source']} ({sample['bucket']}, caption {sample['caption']!r}): "
                    f"{sample['problem']}")
     summary = (f"{store}: checked {result.members} members ({human_bytes(result.bytes_read)}); "
                f"{len(result.damaged_samples)} damaged samples")
     if result.damaged_samples:
-        typer.echo(f"{summary}: recorded in {S.DAMAGED}; cogprep encode re-encodes them from their sources")
+        log.info("%s: recorded in %s; cogprep encode re-encodes them from their sources", summary, S.DAMAGED)
         raise typer.Exit(1)
-    typer.echo(summary)
+    log.info("%s", summary)
 
 
 @app.command("gc", short_help="Reclaim the space of dead items (live ones are copied).")
@@ -167,37 +192,43 @@ def verify(
 def gc_store(
     store: Path = typer.Argument(..., metavar="STORE", help="The store folder to clean up."),
     dry_run: bool = typer.Option(False, help="Print what gc would do and change nothing."),
+    quiet: bool = quiet_option("no plan or summary line (--dry-run still prints its plan)"),
+    verbose: bool = verbose_option("also each shard kept as it is"),
 ) -> None:
     """Reclaim the space of dead items (old versions after edits, killed runs' leftovers); live items are copied,
     never re-encoded. Run it when no encode is writing to STORE."""
     from .store_gc import plan_gc, run_gc
 
-    if dry_run:  # reads only: no lock, so it writes nothing at all
+    _start_logging(quiet, verbose)
+    if dry_run:  # reads only: no lock, so it writes nothing at all; the plan is what --dry-run is for
         plan = plan_gc(store)
-        _print_gc_plan(store, plan, "would ")
+        _print_gc_plan(store, plan, "would ", typer.echo)
         typer.echo(f"would reclaim about {human_bytes(plan.dead_bytes(store))} of {human_bytes(S.disk_bytes(store))}")
         return
     with S.store_lock(store):
         plan = plan_gc(store)
         before = S.disk_bytes(store)
-        _print_gc_plan(store, plan, "")
+        _print_gc_plan(store, plan, "", log.info)
         copied = run_gc(store, plan)
         after = S.disk_bytes(store)
-    typer.echo(f"copied {copied} live items; bytes before {before} ({human_bytes(before)}), after {after} "
-               f"({human_bytes(after)}), reclaimed {before - after} ({human_bytes(before - after)})")
+    log.info("copied %d live items; bytes before %d (%s), after %d (%s), reclaimed %d (%s)", copied, before,
+             human_bytes(before), after, human_bytes(after), before - after, human_bytes(before - after))
 
 
-def _print_gc_plan(store: Path, plan, would: str) -> None:
+def _print_gc_plan(store: Path, plan, would: str, say: Callable[[str], None]) -> None:
+    """Say `plan` through `say`: the log's info lines, or plain output for --dry-run, whose output it is."""
+    for use in plan.keep:
+        log.debug("%skeep %s: %d items, all live", would, use.shard, len(use.items))
     if plan.empty:
-        typer.echo(f"{store}: nothing to reclaim ({len(plan.keep)} shards, every item live)")
+        say(f"{store}: nothing to reclaim ({len(plan.keep)} shards, every item live)")
         return
-    typer.echo(f"{would}keep {len(plan.keep)} shards whose items are all live")
+    say(f"{would}keep {len(plan.keep)} shards whose items are all live")
     for use in plan.rewrite:
-        typer.echo(f"{would}rewrite {use.shard}: {len(use.live)} of {len(use.items)} items live")
+        say(f"{would}rewrite {use.shard}: {len(use.live)} of {len(use.items)} items live")
     for shard in plan.delete:
-        typer.echo(f"{would}delete {shard}: no live item")
+        say(f"{would}delete {shard}: no live item")
     for path in plan.temp_files:
-        typer.echo(f"{would}delete {path.relative_to(store).as_posix()}: left by a killed run")
+        say(f"{would}delete {path.relative_to(store).as_posix()}: left by a killed run")
 
 
 @app.command("inspect", short_help="Print what STORE holds; --preview draws first frames.")
@@ -208,8 +239,11 @@ def inspect_store(
                                            "decoded from the cached latents."),
     model: Optional[str] = typer.Option(None, help="Model whose VAE decodes the preview (default: the store's)."),
     max_samples: int = typer.Option(16, help="Samples on the preview."),
+    quiet: bool = quiet_option("the tables alone, no line about the preview written"),
+    verbose: bool = verbose_option("also each sample drawn on the preview"),
 ) -> None:
     """Print what STORE holds: buckets, sample kinds, bytes on disk, model, encode settings, dataset, last report."""
+    _start_logging(quiet, verbose)
     if preview is not None and preview.is_dir():
         raise CogtuneError(f"{preview}: a folder: --preview takes the PNG file to write")
     from .store_inspect import inspect_tables, write_preview
@@ -219,7 +253,7 @@ def inspect_store(
     for table in inspect_tables(store, manifest):
         console.print(table)
     if preview is not None:
-        write_preview(store, manifest, S.read_index(store), preview, model, max_samples, console)
+        write_preview(store, manifest, S.read_index(store), preview, model, max_samples)
 
 
 @app.command("extract-frames", short_help="First frame of each video to a PNG, listed in images.txt.")
@@ -228,17 +262,20 @@ def extract_frames(
     dataset: Path = typer.Argument(..., metavar="DATASET", help="A txt dataset folder (prompts.txt + videos.txt)."),
     out_dir: str = typer.Option("images", help="Folder for the PNGs, relative to DATASET."),
     overwrite: bool = typer.Option(False, help="Replace an existing images.txt and PNGs."),
+    quiet: bool = quiet_option("no line of the frames written (videos without an image are still named)"),
+    verbose: bool = verbose_option("also each PNG written"),
 ) -> None:
     """Write the first frame of each video to OUT_DIR/<stem>.png and list them in DATASET/images.txt (I2V)."""
     from .extract_frames import extract_first_frames
 
+    _start_logging(quiet, verbose)
     result = extract_first_frames(dataset, out_dir, overwrite)
-    typer.echo(f"wrote {result.written} first frames to {Path(dataset) / out_dir} and {result.images_file}")
+    log.info("wrote %d first frames to %s and %s", result.written, Path(dataset) / out_dir, result.images_file)
     for bad in result.bad:
-        typer.echo(f"  no image: {bad.reason}")
+        log.warning("no image: %s", bad.reason)
     if result.bad:
-        typer.echo(f"{len(result.bad)} videos have no image: their images.txt lines are empty, and encode reports "
-                   "them as bad items")
+        log.warning("%d videos have no image: their images.txt lines are empty, and encode reports them as bad "
+                    "items", len(result.bad))
 
 
 def main() -> None:

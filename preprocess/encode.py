@@ -13,6 +13,7 @@ torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -45,6 +46,7 @@ from .plan import (
     text_fingerprint,
 )
 
+log = logging.getLogger(__name__)
 PENDING = ".pending"
 KILL_HOOK = "COGTUNE_TEST_KILL_AT"
 """Test hook for the crash tests (tests/test_prep_robust.py), never set in real use: ``item:N`` kills this
@@ -192,6 +194,8 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
     result = EncodeResult(plan=plan)
     texts = sorted(plan.text_jobs)[rank::world]
     videos = [plan.video_jobs[k] for k in sorted(plan.video_jobs)[rank::world]]
+    log.debug("to encode: %d clips and %d captions, split over %d process%s; bad items %d", len(plan.video_jobs),
+              len(plan.text_jobs), world, "es" * (world > 1), len(plan.bad))
     extras_stale = rank == 0 and _extras_stale(store, text_fingerprint(fps), options)
     shards = _RankShards(store, options, rank, created)
     extras = None
@@ -201,6 +205,7 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
 
             device, compute = ops.compute_device(options.device, options.compute_dtype, local_rank)
             where = (device, compute, parse_dtype(settings.dtype))
+            log.debug("encoding on %s in %s, storing %s", device, compute, settings.dtype)
             if texts or extras_stale:
                 extras = _texts_step(run, shards, plan, texts, extras_stale, text_fingerprint(fps), where, result)
             if videos:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -18,6 +19,8 @@ from .datasets import (  # the txt reader's own line rules: line N here is line 
     read_paired_lists,
 )
 from .store_inspect import save_png
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +61,7 @@ def extract_first_frames(dataset: Path, out_dir: str = "images", overwrite: bool
             if name not in done:  # a video listed twice is written once
                 frame = read_frames(root / Path(written).expanduser(), [0])[0]
                 save_png(Image.fromarray(frame), root / name)
+                log.debug("%s: first frame of %s", root / name, written)
                 done.add(name)
             lines.append(name)
         except CogtuneError as e:

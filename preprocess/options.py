@@ -56,7 +56,8 @@ SETTINGS_SET_ELSEWHERE = ("buckets", "sampling", "text_length")
 
 
 def encode_parameters() -> list[inspect.Parameter]:
-    """The ``encode`` command's signature: DATASET, one option per dataclass field, and ``--config``."""
+    """The ``encode`` command's signature: DATASET, one option per dataclass field, ``--quiet``, ``--verbose``
+    and ``--config``."""
     dataset = typer.Argument(..., metavar="DATASET",
                              help="Dataset folder (prompts.txt + videos.txt, a CSV, or JSON/JSONL) or file.")
     return [
@@ -65,9 +66,23 @@ def encode_parameters() -> list[inspect.Parameter]:
         *dataclass_options(FrameSampling, exclude=SAMPLING_SET_ELSEWHERE),
         *dataclass_options(EncodeSettings, exclude=SETTINGS_SET_ELSEWHERE),
         *dataclass_options(RunOptions),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool)
+          for name, option in (("quiet", quiet_option("no progress bar, summary table or line")),
+                               ("verbose", verbose_option("also each step's plan and each skipped item with its "
+                                                          "reason")))),
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config_option(),
                           annotation=Optional[Path]),
     ]
+
+
+def quiet_option(hidden: str) -> Any:
+    """A command's ``--quiet``; `hidden`: what it leaves out of the command's output."""
+    return typer.Option(False, "--quiet", help=f"Say only warnings and errors: {hidden}.")
+
+
+def verbose_option(added: str) -> Any:
+    """A command's ``--verbose``; `added`: what it adds to the command's output."""
+    return typer.Option(False, "--verbose", help=f"Say more: {added}.")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ out.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from ..shared.fingerprint import FileHashes
 from ..shared.models import open_model
 from .plan import CACHE_DIR
 from .store_gc import plan_gc
+
+log = logging.getLogger(__name__)
 
 
 def load_report(store: Path) -> dict[str, Any] | None:
@@ -186,7 +189,7 @@ def _table(title: str, columns: list[str]):
 
 
 def write_preview(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]], out: Path, model: str | None,
-                   max_samples: int, console) -> None:
+                  max_samples: int) -> None:
     from .compute import decode_first_frames, preview_vae
 
     shown = preview_rows(rows, max_samples)
@@ -195,8 +198,10 @@ def write_preview(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]],
     m = open_model(model or manifest.model["source"], ("vae",))
     hashes = FileHashes(Path(store) / CACHE_DIR / "files.json")
     if m.fingerprint(("vae",), hashes)["vae"] != manifest.model.get("fingerprints", {}).get("vae"):
-        console.print(f"[yellow]warning[/yellow]: {m.path / 'vae'} is not the VAE the store was encoded with: "
-                      "the preview will not show the videos")
+        log.warning("%s is not the VAE the store was encoded with: the preview will not show the videos",
+                    m.path / "vae")
+    for row in shown:
+        log.debug("preview: %s (%s, caption %r)", row["source"], row["bucket"], row["caption"])
     frames = decode_first_frames(store, shown, preview_vae(m))
     save_png(contact_sheet(frames, [(r["bucket"], r["caption"]) for r in shown]), out)
-    console.print(f"preview of {len(shown)} samples: {out}")
+    log.info("preview of %d samples: %s", len(shown), out)

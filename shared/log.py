@@ -34,6 +34,12 @@ def verbosity(quiet: bool, verbose: bool) -> int:
     return VERBOSE if verbose else QUIET if quiet else NORMAL
 
 
+def shown(level: int = NORMAL) -> bool:
+    """Whether this process's log shows a line of `level`: what rich draws beside the log (a summary table, a
+    progress bar) asks this first, so it follows --quiet and the ranks as the log lines do."""
+    return logging.getLogger(ROOT).isEnabledFor(level) and (process_rank() == 0 or level >= logging.WARNING)
+
+
 class _RankFilter(logging.Filter):
     """Rank 0 logs everything; the other ranks only warnings and errors, and not those marked `MAIN_ONLY`."""
 

@@ -58,3 +58,13 @@ def test_a_warning_every_rank_meets_alike_is_said_by_rank_0_alone(capsys, monkey
         setup_logging("cogtrain")
         logging.getLogger("cogtune.train").warning("stopped", extra=MAIN_ONLY)
         assert capsys.readouterr().err == said
+
+
+def test_what_rich_draws_follows_the_level_and_the_rank(monkeypatch):
+    from cogtune.shared.log import NORMAL, shown
+
+    for rank, level, info, warning in (("0", NORMAL, True, True), ("0", QUIET, False, True),
+                                       ("1", VERBOSE, False, True)):
+        monkeypatch.setenv("RANK", rank)
+        setup_logging("cogprep", level)
+        assert (shown(), shown(logging.WARNING)) == (info, warning), (rank, level)

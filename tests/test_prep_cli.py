@@ -41,7 +41,7 @@ def test_every_encode_option_is_a_dataclass_field_with_its_default_and_docstring
                                (EncodeSettings, SETTINGS_SET_ELSEWHERE), (RunOptions, ())):
         docs = field_help(cls)
         expected |= {f.name: (field_default(f), docs[f.name]) for f in fields(cls) if f.name not in set_elsewhere}
-    assert set(options) == set(expected) | {"config"}
+    assert set(options) == set(expected) | {"quiet", "verbose", "config"}
     for name, (default, help_text) in expected.items():
         assert options[name].help == help_text, name
         if default is ...:
@@ -165,5 +165,7 @@ def test_each_commands_help_reads_whole_at_80_columns_through_a_pipe(name):
         if param.is_flag and param.secondary_opts:
             shown = param.opts[0] if param.default else param.secondary_opts[0]
             assert f"default: {shown.lstrip('-')}" in text, param.name
+        elif param.is_flag:  # a lone flag (--quiet) is off unless given: click shows it no default
+            assert param.default is False, param.name
         elif param.default not in (None, ...):
             assert f"default: {param.default}" in text, param.name

@@ -282,4 +282,5 @@ def test_extract_frames_writes_first_frames_that_read_dataset_pairs(demo_txt, tm
     assert [b.source for b in data.bad] == ["videos/broken.mp4"]
 
     assert "--overwrite" in cogprep("extract-frames", dataset, expect=2).output
-    cogprep("extract-frames", dataset, "--overwrite")
+    quiet = cogprep("extract-frames", dataset, "--overwrite", "--quiet")  # a video without an image is a warning
+    assert quiet.stdout == "" and quiet.stderr.startswith("cogprep: warning: no image: videos.txt line 6: ")

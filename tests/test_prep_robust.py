@@ -446,7 +446,7 @@ def test_torchrun_two_processes_make_the_same_store_as_one(base, tmp_path):
     data = shutil.copytree(base.data, tmp_path / "data")
     store = tmp_path / "store"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(COGPREP),
-           *encode_args(data, base.model, store)]
+           *encode_args(data, base.model, store, "--verbose")]
     proc = subprocess.run(cmd, env=_env(None), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_complete(store, data, base.content)
@@ -457,6 +457,10 @@ def test_torchrun_two_processes_make_the_same_store_as_one(base, tmp_path):
     # rank 0 alone commits and reports, and counts the work of every rank
     assert report(store)["encoded"] == {"videos": 4, "texts": 4}
     assert proc.stdout.count("encoded 4 clips and 4 captions") == 1, proc.stdout
+    # and it alone says anything, --verbose's detail included: no rank guard of the commands' own needed
+    assert proc.stdout.count("┃ bucket") == 1, proc.stdout  # the summary table's header
+    assert proc.stdout.count("cogprep: to encode: 4 clips and 4 captions, split over 2 processes") == 1, proc.stdout
+    assert "cogprep [rank 1]" not in proc.stdout + proc.stderr
     assert not list(store.glob(f".{S.INDEX}.*"))
 
 
