@@ -234,13 +234,18 @@ class SequenceParallel:
     active: bool = False
 
     @classmethod
+    def unsplit(cls, accelerator) -> SequenceParallel:
+        """No sequence parallelism: every process is a group of one, its data-parallel rank its own."""
+        return cls(degree=1, rank=0, dp_rank=accelerator.process_index, dp_degree=accelerator.num_processes)
+
+    @classmethod
     def setup(cls, degree: int, accelerator, heads: int, model: str) -> SequenceParallel:
         """Check `degree`, then make the groups: ranks [g*N, (g+1)*N) are group g (every rank makes every group,
         in the same order, as torch.distributed requires)."""
         world, rank = accelerator.num_processes, accelerator.process_index
         check_degree(degree, heads, world, model)
         if degree == 1:
-            return cls(degree=1, rank=0, dp_rank=rank, dp_degree=world)
+            return cls.unsplit(accelerator)
         from accelerate.utils import DistributedType
 
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

@@ -244,8 +244,7 @@ class Stepper:
         self.trained_rows: list[int] = []
         """Index rows of this rank's batches in the last step."""
         if self.sequence is None:
-            self.sequence = SequenceParallel(degree=1, rank=0, dp_rank=self.accelerator.process_index,
-                                             dp_degree=self.accelerator.num_processes)
+            self.sequence = SequenceParallel.unsplit(self.accelerator)
 
     def step(self, step: int, batches, stop_requested: bool = False) -> tuple[dict[str, float], dict[str, Any], bool]:
         """Optimizer step `step` (from 1) over the next --gradient-accumulation-steps batches.
