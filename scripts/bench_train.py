@@ -623,7 +623,9 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                              vae_scaling_factor=vae_config["scaling_factor"],
                              invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)))
 
-    memory = MetaMemory([*transformer.parameters(), *transformer.buffers()])
+    # a launch of N > 1 processes is DDP's: its gradient buckets are held from before the first step
+    buckets = [ddp_gradient_buckets(trained)] if args.sp_degree > 1 else []
+    memory = MetaMemory([*transformer.parameters(), *transformer.buffers(), *buckets])
     with memory, flash_attention_on_meta():
         for _ in range(2):  # the second step holds the optimizer state the first one made
             batch = meta_batch()
@@ -634,7 +636,8 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 loss.backward()
             with_grad = sum(p.numel() for p in trained if p.grad is not None)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # DDP's bucket views stay: set to None, they are views of the buckets again after the next backward
+            optimizer.zero_grad(set_to_none=not buckets)
             del batch, loss
     optimizer_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                           for t in state.values() if isinstance(t, torch.Tensor))
@@ -682,13 +685,26 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "meta_device_memory_gb": {
             "kept_by_the_forward_for_the_backward": round(kept_for_backward / GB, 3),
             "peak": round(memory.peak / GB, 3),
-            "what_it_is": "every tensor the step's ops make, counted on the meta device with flash attention; "
-                          "not counted: autocast (there is none on the meta device: its float32 norm outputs are "
-                          "in the weights' dtype here, and a full fine-tune's activations are float32 where "
+            "what_it_is": "every tensor the step's ops make, counted on the meta device with flash attention, "
+                          "and at --sp-degree above 1 DDP's gradient buckets, held all along (the gradients are "
+                          "views of them); not counted: autocast (there is none on the meta device: its float32 "
+                          "norm outputs are in the weights' dtype here, and a full fine-tune's activations are float32 where "
                           "autocast would make most bfloat16, and its bfloat16 weight copies are absent), the CUDA "
                           "allocator's rounding and caching (reserved is higher), the CUDA context",
         },
     }
+
+
+def ddp_gradient_buckets(trained: list[torch.nn.Parameter]) -> torch.Tensor:
+    """What DDP holds on each process of a launch (N > 1): one buffer for the trained weights' gradients, made
+    as it wraps the model and kept for the run; cogtrain's gradients are views of it (`gradient_as_bucket_view`,
+    train.trainer.make_accelerator). Each gradient is made a view of it here, as DDP makes it after a backward."""
+    buckets = torch.empty(sum(p.numel() for p in trained), device="meta", dtype=trained[0].dtype)
+    offset = 0
+    for parameter in trained:
+        parameter.grad = buckets[offset:offset + parameter.numel()].view_as(parameter)
+        offset += parameter.numel()
+    return buckets
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from cogtune.shared.errors import CogtuneError
-from cogtune.train.sequence_parallel import Layout, check_degree, valid_degrees
+from cogtune.train.sequence_parallel import Layout, SequenceParallel, check_degree, valid_degrees
 from prep_helpers import encode
 from safetensors.torch import load_file
 from train_helpers import LAUNCH_ENV, cogtrain, cogtrain_command, free_port, launch, losses
@@ -46,6 +46,41 @@ def test_the_layout_covers_the_sequence_once_with_the_padding_last():
         assert texts == list(range(text)) and videos == list(range(video))
         assert sum(c.padding for c in chunks) == degree * chunks[0].chunk - text - video
         assert all(c.padding == 0 for c in chunks if c.end < text + video)  # padding only after the last token
+
+
+def test_block_0_is_checkpointed_on_the_ranks_chunk_not_on_the_whole_sequence():
+    """A checkpoint keeps its inputs to its backward, where block 0 recomputes from them: they must be this rank's
+    chunk, split before the checkpoint and copied, not the whole video or a view of the joint sequence (which
+    would keep every token alive). The last of 2 ranks over 2b's 226 + 45 tokens: 90 text, 45 video, 1 padding."""
+    from cogtune.shared.variants import get_variant
+    from cogtune.shared.zoo import TINY_TEXT_DIM, tiny_transformer_config
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = {**tiny_transformer_config(get_variant("2b")), "num_attention_heads": 2}
+    with torch.device("meta"):  # shapes only: the exchanges send nothing on the meta device
+        model = CogVideoXTransformer3DModel(**config)
+    checkpointed = []
+
+    def checkpoint(block, hidden_states, encoder_hidden_states, *args):
+        checkpointed.append((block, hidden_states, encoder_hidden_states))
+        return block(hidden_states, encoder_hidden_states, *args)
+
+    model.enable_gradient_checkpointing(checkpoint)
+    model.train()
+    parallel = SequenceParallel(degree=2, rank=1, dp_rank=0, dp_degree=1)
+    parallel.attach(model)
+    video = torch.empty(1, 3, config["in_channels"], 6, 10, device="meta")
+    text = torch.empty(1, 226, TINY_TEXT_DIM, device="meta")
+    with parallel.sharding():
+        output = model(hidden_states=video, encoder_hidden_states=text, timestep=torch.tensor([10], device="meta"),
+                       return_dict=False)[0]
+    assert output.shape == (1, 3, config["out_channels"], 6, 10)  # gathered whole again
+    block, hidden_states, encoder_hidden_states = checkpointed[0]
+    assert block is model.transformer_blocks[0]
+    assert (encoder_hidden_states.shape[1], hidden_states.shape[1]) == (90, 46)
+    assert hidden_states._base is None and encoder_hidden_states._base is None
+    # the other blocks get block 0's outputs: the chunk all along
+    assert all(h.shape[1] == 46 and t.shape[1] == 90 for _, h, t in checkpointed)
 
 
 def test_a_degree_the_launch_cannot_take_is_refused_before_anything_is_written(train_store, tiny_models, tmp_path):

@@ -268,6 +268,23 @@ class SequenceParallel:
             block.attn1.set_processor(UlyssesAttnProcessor(self, block.attn1.processor))
         transformer.transformer_blocks[0].register_forward_pre_hook(self._split, with_kwargs=True)
         transformer.proj_out.register_forward_hook(self._gather)
+        if getattr(transformer, "gradient_checkpointing", False):
+            transformer._gradient_checkpointing_func = self._split_before(transformer.transformer_blocks[0],
+                                                                          transformer._gradient_checkpointing_func)
+
+    def _split_before(self, first: torch.nn.Module, checkpoint: Any) -> Any:
+        """Under gradient checkpointing, split block 0's inputs before its checkpoint, not inside it: a checkpoint
+        keeps its inputs until its backward and block 0's recompute runs from them, so split inside, each rank
+        would keep the whole joint sequence to the end of the step and rebuild the whole video for the recompute
+        (0.5 GiB at CogVideoX 1.5's 45,106 tokens). The same slices and padding, so the same values and
+        gradients."""
+
+        def split_then_checkpoint(block, hidden_states, encoder_hidden_states, *args):
+            if self.active and block is first:
+                hidden_states, encoder_hidden_states = self._chunks(hidden_states, encoder_hidden_states)
+            return checkpoint(block, hidden_states, encoder_hidden_states, *args)
+
+        return split_then_checkpoint
 
     @contextlib.contextmanager
     def sharding(self) -> Iterator[None]:
@@ -281,17 +298,23 @@ class SequenceParallel:
     def _split(self, block, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Block 0's inputs, the whole text [B, T, D] and video [B, V, D], -> this rank's chunk of each (the video
         part padded). Called positionally under gradient checkpointing, by keyword otherwise."""
-        if not self.active:
+        if not self.active or self.layout is not None:  # split already (`_split_before`)
             return args, kwargs
         names = ("hidden_states", "encoder_hidden_states")
         values = {name: args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names)}
-        video, text = values["hidden_states"], values["encoder_hidden_states"]
-        self.layout = layout = Layout(text.shape[1], video.shape[1], self.degree, self.rank)
-        local_video = F.pad(video[:, layout.video_slice], (0, 0, 0, layout.padding))
-        chunks = {"hidden_states": local_video, "encoder_hidden_states": text[:, layout.text_slice]}
+        local_video, local_text = self._chunks(values["hidden_states"], values["encoder_hidden_states"])
+        chunks = {"hidden_states": local_video, "encoder_hidden_states": local_text}
         args = tuple(chunks[names[i]] if i < 2 else a for i, a in enumerate(args))
         kwargs = {k: chunks.get(k, v) for k, v in kwargs.items()}
         return args, kwargs
+
+    def _chunks(self, video: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole video [B, V, D] and text [B, T, D] -> this rank's chunk of each (the video part padded), and
+        the step's layout set. Copies, not views: both come from one joint tensor of every token, which a view
+        would keep alive."""
+        self.layout = layout = Layout(text.shape[1], video.shape[1], self.degree, self.rank)
+        local_video = F.pad(video[:, layout.video_slice], (0, 0, 0, layout.padding))  # a copy, even padding nothing
+        return local_video, text[:, layout.text_slice].clone()
 
     def _gather(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         if self.layout is None:

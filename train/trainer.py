@@ -95,11 +95,15 @@ class TrainResult:
 
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     return Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # DDP's gradients as views of its all-reduce buckets: without, it keeps the buckets besides the gradients,
+        # a second copy of every trained weight's gradient for the whole run (torch's DistributedDataParallel
+        # docstring); the same all-reduce on the same values either way
+        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(config.out), logging_dir=str(config.out / LOGS)),
         # accelerate sets up data parallelism on CPU (gloo) only when told to use the CPU
