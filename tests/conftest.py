@@ -72,3 +72,23 @@ def train_store(train_dataset, tiny_models, tmp_path_factory) -> Path:
     prompts.write_text("a red circle moving left to right over a blue background\n")
     encode(train_dataset, tiny_models["5b"], folder / "store", "--validation-prompts", prompts)
     return folder / "store"
+
+
+@pytest.fixture(scope="session")
+def i2v_train_store(train_dataset, tiny_models, tmp_path_factory) -> Path:
+    """`train_dataset` encoded for the tiny 1.5-5B-I2V at 9x48x80 with first-frame latents (clean and 2 noisy
+    variants) and one validation prompt whose image is the first clip's first frame. Shared read-only: a test that
+    edits it works on a copy."""
+    from cogtune.shared.video import read_frames
+    from PIL import Image
+    from prep_helpers import encode
+
+    folder = tmp_path_factory.mktemp("i2v-train-store")
+    first_video = train_dataset / (train_dataset / "videos.txt").read_text().splitlines()[0]
+    Image.fromarray(read_frames(first_video, [0])[0]).save(folder / "first.png")
+    (folder / "prompts.txt").write_text("a red circle moving left to right over a blue background\n")
+    (folder / "images.txt").write_text("first.png\n")
+    encode(train_dataset, tiny_models["1.5-5b-i2v"], folder / "store", "--resolution", "9x48x80",
+           "--image-noise-variants", "2", "--validation-prompts", folder / "prompts.txt", "--validation-images",
+           folder / "images.txt")
+    return folder / "store"

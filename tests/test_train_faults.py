@@ -44,17 +44,12 @@ def test_the_last_validation_runs_after_the_weights_are_written(train_store, tin
 
 
 @pytest.fixture(scope="module")
-def i2v_store_without_validation_images(train_dataset, tiny_models, tmp_path_factory) -> Path:
+def i2v_store_without_validation_images(i2v_train_store, tmp_path_factory) -> Path:
     """An image-to-video store whose validation prompts have no images, as cogprep made them before it refused
-    such a store: the images are taken out of a complete one."""
-    folder = tmp_path_factory.mktemp("i2v-no-images")
-    (folder / "prompts.txt").write_text("a red circle moving left to right over a blue background\n")
-    image = train_dataset / (train_dataset / "videos.txt").read_text().splitlines()[0]
-    (folder / "images.txt").write_text(f"{image}\n")
-    store = folder / "store"
-    encode(train_dataset, tiny_models["1.5-5b-i2v"], store, "--resolution", "9x48x80",
-           "--validation-prompts", folder / "prompts.txt", "--validation-images", folder / "images.txt")
+    such a store: the images are taken out of a copy of a complete one."""
+    store = shutil.copytree(i2v_train_store, tmp_path_factory.mktemp("i2v-no-images") / "store")
     tensors, metadata = S.read_extras(store)
+    assert any(name.startswith("validation_image_") for name in tensors)  # there were images to take out
     S.write_extras(store, {k: v for k, v in tensors.items() if not k.startswith("validation_image_")}, metadata)
     return store
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 from cogtune.train.math import RELEASE_IMAGE_DROPOUT, drop_images
-from prep_helpers import encode
 from train_helpers import cogtrain, losses
 
 
@@ -22,11 +21,9 @@ def test_image_dropout_zeroes_whole_image_latents_per_sample_with_its_probabilit
     assert torch.equal(drop_images(latents, 0.0, torch.Generator().manual_seed(0)), latents)
 
 
-@pytest.fixture(scope="module")
-def i2v_store(train_dataset, tiny_models, tmp_path_factory):
-    store = tmp_path_factory.mktemp("i2v") / "store"
-    encode(train_dataset, tiny_models["1.5-5b-i2v"], store, "--resolution", "9x48x80", "--image-noise-variants", "2")
-    return store
+@pytest.fixture
+def i2v_store(i2v_train_store):
+    return i2v_train_store
 
 
 def test_an_i2v_run_drops_the_image_as_the_release_did_unless_told(i2v_store, tiny_models, tmp_path):

@@ -15,7 +15,7 @@ from cogtune.shared import store as S
 from cogtune.shared.models import open_model
 from cogtune.train import cli as train_cli
 from cogtune.train.config import TrainConfig
-from prep_helpers import add_clip, encode
+from prep_helpers import add_clip
 from safetensors.torch import load_file
 from store_builder import build_random_store
 from train_helpers import (
@@ -355,24 +355,19 @@ def test_an_unreadable_config_file_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_image_to_video_1_5_lora_run_from_a_real_store_loads_into_the_i2v_pipeline(dataset, tiny_models, tmp_path):
+def test_image_to_video_1_5_lora_run_from_a_real_store_loads_into_the_i2v_pipeline(i2v_train_store, tiny_models,
+                                                                                   tmp_path):
     """The 1.5-I2V path end to end: cogprep caches first-frame latents (clean + noise-augmented) and a validation
-    image; cogtrain trains on them (ofs, odd latent frames padded, image conditioning) and renders validation;
-    the LoRA loads into CogVideoXImageToVideoPipeline and changes what it generates."""
+    image (the session's `i2v_train_store`: the first clip's first frame); cogtrain trains on them (ofs, odd latent
+    frames padded, image conditioning) and renders validation; the LoRA loads into CogVideoXImageToVideoPipeline
+    and changes what it generates."""
     import numpy as np
     import PIL.Image
-    from cogtune.shared.video import read_frames, read_video_info
+    from cogtune.shared.video import read_video_info
     from diffusers import CogVideoXImageToVideoPipeline
 
-    model = tiny_models["1.5-5b-i2v"]
-    first_video = dataset / (dataset / "videos.txt").read_text().splitlines()[0]
-    image = tmp_path / "first.png"
-    PIL.Image.fromarray(read_frames(first_video, [0])[0]).save(image)
-    (tmp_path / "prompts.txt").write_text("a red circle moving left to right over a blue background\n")
-    (tmp_path / "images.txt").write_text("first.png\n")
-    store = tmp_path / "store"
-    encode(dataset, model, store, "--resolution", "9x48x80", "--image-noise-variants", "2",
-           "--validation-prompts", tmp_path / "prompts.txt", "--validation-images", tmp_path / "images.txt")
+    model, store = tiny_models["1.5-5b-i2v"], i2v_train_store
+    image = store.parent / "first.png"
     row = S.read_index(store)[0]
     assert row["image_offset"] >= 0  # the store holds image latents
 
