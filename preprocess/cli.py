@@ -33,8 +33,8 @@ from ..shared.models import Model, open_model
 from .datasets import read_dataset
 from .encode import PREP_COMPONENTS, model_fingerprints, run_encode
 from .options import EncodeRequest, encode_parameters, quiet_option, sampling_fps, verbose_option
-from .plan import CACHE_DIR, EncodeSettings, plan_against_store, skip_kind
-from .staleness import current_by_columns
+from .plan import CACHE_DIR, EncodeSettings, skip_kind
+from .staleness import store_changes
 
 app = make_app(
     "cogprep",
@@ -137,21 +137,16 @@ def status(
     # a store an older cogtune made at a size this model cannot train at: an encode would refuse its buckets
     check_buckets_for_model(BucketSpec.from_json(manifest.settings["buckets"]), m, where=str(store))
     fingerprints = model_fingerprints(m, hashes)[2]
-    # the common case, decided by columns: no key derived, no cache read (see preprocess/staleness.py)
-    current = None if rehash else current_by_columns(dataset, store, fingerprints)
-    if current is not None:
-        log.info("new 0 changed 0 removed 0 unchanged %d; to encode: 0 clips, 0 captions; bad items %d",
-                 current.unchanged, current.bad)
-        typer.echo("store is current")
-        return
-    plan = plan_against_store(dataset, store, fingerprints, hashes)
-    counts = {k: len(v) for k, v in plan.changes.items()}
+    # by columns, no key derived where they match the index; only the sources that differ are planned
+    # (see preprocess/staleness.py)
+    found = store_changes(dataset, store, fingerprints, hashes)
+    counts = found.counts()
     log.info(" ".join(f"{k} {counts[k]}" for k in ("new", "changed", "removed", "unchanged"))
-             + f"; to encode: {len(plan.video_jobs)} clips, {len(plan.text_jobs)} captions; bad items {len(plan.bad)}")
+             + f"; to encode: {found.video_jobs} clips, {found.text_jobs} captions; bad items {found.bad}")
     for kind in ("new", "changed", "removed"):
-        for i, source in enumerate(plan.changes[kind]):
+        for i, source in enumerate(found.changes[kind]):
             log.log(logging.INFO if i < STATUS_LISTED else logging.DEBUG, "%s: %s", kind, source)
-    if plan.stale or plan.video_jobs or plan.text_jobs:
+    if found.stale or found.video_jobs or found.text_jobs:
         typer.echo("store is stale: run cogprep encode")
         raise typer.Exit(1)
     typer.echo("store is current")
@@ -161,25 +156,28 @@ def status(
 @exit_on_user_error
 def verify(
     store: Path = typer.Argument(..., metavar="STORE", help="The store folder to check."),
-    workers: int = typer.Option(0, help="Threads reading and inflating members at once (0: one per core; inflating, not the disk, sets verify's speed)."),
+    workers: int = typer.Option(0, help="Threads reading and checking members at once (0: one per core)."),
+    deep: bool = typer.Option(False, help="Inflate every member in full (gzip's CRC, the whole safetensors file), even those whose stored bytes' CRC-32 the index records: bound by the CPU, about 100 MB/s a core, where the CRC check reads at the disk's speed."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     quiet: bool = quiet_option("the damaged samples alone, no bar or summary line"),
     verbose: bool = verbose_option("also each damaged item's key (what re-encoding replaces) and problem"),
 ) -> None:
-    """Read back every cached member the index points at (sizes, gzip CRC, safetensors, shapes and dtypes);
+    """Read back every cached member the index points at (sizes; the CRC-32 of the stored bytes the index
+    records, or where it records none the gzip CRC of the inflated ones; safetensors headers, shapes and dtypes);
     list the damaged samples, record them for the next cogprep encode to re-encode, exit 1 if any."""
     from .verify import record_damage, verify_store
 
     _start_logging(quiet, verbose)
     with S.store_lock(store):
-        result = verify_store(store, workers=workers, progress=progress and shown())
+        result = verify_store(store, workers=workers, progress=progress and shown(), deep=deep)
         record_damage(store, result)
     for item, problem in result.damaged_items.items():
         log.debug("damaged item %s: %s", item, problem)
     for sample in result.damaged_samples:
         typer.echo(f"damaged: {sample['source']} ({sample['bucket']}, caption {sample['caption']!r}): "
                    f"{sample['problem']}")
-    summary = (f"{store}: checked {result.members} members ({human_bytes(result.bytes_read)}); "
+    inflated = f", {result.inflated} inflated in full" if result.inflated else ""  # no CRC recorded, or --deep
+    summary = (f"{store}: checked {result.members} members ({human_bytes(result.bytes_read)}{inflated}); "
                f"{len(result.damaged_samples)} damaged samples")
     if result.damaged_samples:
         log.info("%s: recorded in %s; cogprep encode re-encodes them from their sources", summary, S.DAMAGED)

@@ -12,6 +12,10 @@ Layouts (auto-detected, or named explicitly):
 Paths are relative to the folder holding the dataset file, or absolute. A problem with one item (missing file,
 empty or undecodable caption) makes a `BadItem` naming the file and line, and the rest is read; a file that
 cannot be read as its layout at all, or ``txt`` lists of different lengths, raise `CogtuneError`.
+
+Every layout is read into columns (`read_columns`: one list or array per field, one stat per entry in a tight
+loop), which is all `cogprep status` and cogtrain's start-up check need to compare with a store's index;
+`read_dataset` makes a `DatasetItem` of each usable entry of those columns, for planning.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import io
 import json
 import os
 import stat as _stat
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
 
 from ..shared.errors import CogtuneError
 from ..shared.fingerprint import Resolver
@@ -43,6 +50,13 @@ VIDEO_HINTS = ("video", "path", "file")
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+class FileStat(NamedTuple):
+    """What planning takes of a file's stat (as `os.stat_result` names it): the pair a content hash is trusted by."""
+
+    st_size: int
+    st_mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ class DatasetItem:
     """Width declared by the dataset (JSON ``width``), so planning needs not open the file; None if not given."""
     height: int | None = None
     """Height declared by the dataset (JSON ``height``); None if not given."""
-    stat: os.stat_result | None = field(default=None, compare=False, repr=False)
+    stat: FileStat | os.stat_result | None = field(default=None, compare=False, repr=False)
     """`path`'s stat when the dataset was read (planning trusts a content hash by its size and mtime without a
     second stat); None where the item was made otherwise."""
 
@@ -91,6 +105,46 @@ class Dataset:
     bad: list[BadItem]
 
 
+@dataclass
+class DatasetColumns:
+    """What a dataset reader found, as columns: the usable entries in dataset order (element i of each list is
+    entry i's), and the bad ones. No object per entry: a million entries compare with a store's index as they are,
+    and `items` makes DatasetItems of those that need planning."""
+
+    layout: Layout
+    file: Path
+    """The dataset file read (for ``txt``: the video list)."""
+    source: list[str]
+    caption: list[str]
+    kind: list[Kind]
+    real: list[str]
+    """The real path of each entry's file."""
+    size: np.ndarray
+    """int64 `st_size` of each entry's file."""
+    mtime_ns: np.ndarray
+    """int64 `st_mtime_ns` of each entry's file."""
+    line: list[int]
+    bad: list[BadItem]
+    image: list[Path | None] | None = None
+    """Each entry's first-frame image (``txt`` with ``images.txt``); None where the dataset lists none."""
+    declared_size: list[tuple[int, int] | None] | None = None
+    """Each entry's (width, height) as the dataset declares it (``json``); None where no entry declares one."""
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def items(self, rows: Iterable[int] | None = None) -> list[DatasetItem]:
+        """A DatasetItem of each entry in `rows` (default: all), in that order."""
+        resolver = Resolver()  # its as_path parses each folder once
+        out = []
+        for i in range(len(self)) if rows is None else rows:
+            width, height = (self.declared_size and self.declared_size[i]) or (None, None)
+            out.append(DatasetItem(self.source[i], resolver.as_path(self.real[i]), self.caption[i], self.kind[i],
+                                   self.image[i] if self.image else None, self.line[i], width, height,
+                                   FileStat(int(self.size[i]), int(self.mtime_ns[i]))))
+        return out
+
+
 def read_dataset(
     location: Path | str,
     layout: Layout | None = None,
@@ -104,6 +158,20 @@ def read_dataset(
     `layout` overrides detection. `caption_column` / `video_column` name the CSV columns (``csv``) or the
     caption and video list files (``txt``); `id_token` is prefixed to every caption ("TOKEN caption").
     """
+    columns = read_columns(location, layout, caption_column=caption_column, video_column=video_column,
+                           id_token=id_token)
+    return Dataset(columns.layout, columns.file, columns.items(), columns.bad)
+
+
+def read_columns(
+    location: Path | str,
+    layout: Layout | None = None,
+    *,
+    caption_column: str | None = None,
+    video_column: str | None = None,
+    id_token: str | None = None,
+) -> DatasetColumns:
+    """Read the dataset at `location` into columns; the arguments are `read_dataset`'s."""
     location = Path(location)
     if layout == "txt":
         # Named explicitly: the list files may have other names (caption_column / video_column), so no detection.
@@ -117,8 +185,7 @@ def read_dataset(
     else:
         dataset = _read_json(file)
     if id_token:
-        items = [replace(item, caption=f"{id_token} {item.caption}") for item in dataset.items]
-        dataset = replace(dataset, items=items)
+        dataset.caption = [f"{id_token} {caption}" for caption in dataset.caption]
     return dataset
 
 
@@ -157,30 +224,21 @@ def detect_layout(location: Path | str, layout: Layout | None = None) -> tuple[L
     return found[0]
 
 
-def _read_txt(root: Path, prompts_name: str, videos_name: str) -> Dataset:
+def _read_txt(root: Path, prompts_name: str, videos_name: str) -> DatasetColumns:
     prompts_file, videos_file, images_file = root / prompts_name, root / videos_name, root / IMAGES_FILE
     for f in (prompts_file, videos_file):
         if not f.is_file():
             raise CogtuneError(f"{f}: not found (the txt layout pairs {prompts_name} with {videos_name})")
     lists = read_paired_lists([prompts_file, videos_file, *([images_file] if images_file.is_file() else [])])
     captions, paths, images = lists[0], lists[1], (lists[2] if len(lists) == 3 else None)
-    items: list[DatasetItem] = []
-    bad: list[BadItem] = []
-    resolver = Resolver()
-    for index, source in enumerate(paths):
-        line = index + 1
-        at = f"{videos_name} line {line}"
-        image = None
-        if images is not None:
-            image, problem, _ = _resolve(root, images[index], "image path", resolver)
-            if problem:
-                bad.append(BadItem(source, f"{IMAGES_FILE} line {line}: {problem}"))
-                continue
-        _add(items, bad, root, source, captions[index], None, image, line, at, resolver=resolver)
-    return Dataset("txt", videos_file, items, bad)
+    del lists
+    entries = _Entries(root, videos_name, "line", paths, captions, range(1, len(paths) + 1))
+    if images is not None:
+        entries.select_images(images)
+    return entries.check("txt", videos_file)
 
 
-def _read_csv(file: Path, caption_column: str | None, video_column: str | None) -> Dataset:
+def _read_csv(file: Path, caption_column: str | None, video_column: str | None) -> DatasetColumns:
     rows = _csv_rows(file)
     if not rows:
         raise CogtuneError(f"{file}: empty CSV (no header row)")
@@ -188,17 +246,17 @@ def _read_csv(file: Path, caption_column: str | None, video_column: str | None) 
     header = [name.strip() for name in header]
     caption_at = _pick_column(file, header, caption_column, CAPTION_HINTS, "caption", exclude=None)
     video_at = _pick_column(file, header, video_column, VIDEO_HINTS, "video", exclude=caption_at)
-    items: list[DatasetItem] = []
-    bad: list[BadItem] = []
-    resolver = Resolver()
+    entries = _Entries(file.parent, file.name, "line", [], [], [])
     for line, row in rows[1:]:
-        at = f"{file.name} line {line}"
         if max(caption_at, video_at) >= len(row):
+            at = f"{file.name} line {line}"
             source = row[video_at] if video_at < len(row) else at
-            bad.append(BadItem(source, f"{at}: row has {len(row)} fields, the header has {len(header)}"))
+            entries.refuse(line, BadItem(source, f"{at}: row has {len(row)} fields, the header has {len(header)}"))
             continue
-        _add(items, bad, file.parent, row[video_at], row[caption_at], None, None, line, at, resolver=resolver)
-    return Dataset("csv", file, items, bad)
+        entries.sources.append(row[video_at])
+        entries.captions.append(row[caption_at])
+        entries.lines.append(line)
+    return entries.check("csv", file)
 
 
 def _csv_rows(file: Path) -> list[tuple[int, list[str]]]:
@@ -232,15 +290,17 @@ def _pick_column(
     )
 
 
-def _read_json(file: Path) -> Dataset:
+def _read_json(file: Path) -> DatasetColumns:
     text = read_text_file(file)
     entries: list[tuple[int, str, Any]] = []
+    word = "line"
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise CogtuneError(f"{file} line {e.lineno}: not valid JSON ({e.msg})") from None
         entries = [(number, f"{file.name} entry {number}", entry) for number, entry in enumerate(data, 1)]
+        word = "entry"
     else:
         # JSON Lines: one object per line (also accepted under a .json name, a common mix-up).
         for number, line in enumerate(split_lines(text), 1):
@@ -250,19 +310,19 @@ def _read_json(file: Path) -> Dataset:
                 entries.append((number, f"{file.name} line {number}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise CogtuneError(f"{file} line {number}: not valid JSON ({e.msg})") from None
-    items: list[DatasetItem] = []
-    bad: list[BadItem] = []
-    resolver = Resolver()
+    checked = _Entries(file.parent, file.name, word, [], [], [], kinds=[], sizes=[])
     for number, at, entry in entries:
         problem = _json_entry_problem(entry)
         if problem:
             source = entry.get("file_path") if isinstance(entry, dict) else None
-            bad.append(BadItem(source if isinstance(source, str) else at, f"{at}: {problem}"))
+            checked.refuse(number, BadItem(source if isinstance(source, str) else at, f"{at}: {problem}"))
             continue
-        size = (entry["width"], entry["height"]) if "width" in entry else None
-        _add(items, bad, file.parent, entry["file_path"], entry["text"], entry.get("type"), None, number, at, size,
-             resolver=resolver)
-    return Dataset("json", file, items, bad)
+        checked.sources.append(entry["file_path"])
+        checked.captions.append(entry["text"])
+        checked.lines.append(number)
+        checked.kinds.append(entry.get("type"))
+        checked.sizes.append((entry["width"], entry["height"]) if "width" in entry else None)
+    return checked.check("json", file)
 
 
 def _json_entry_problem(entry: Any) -> str | None:
@@ -282,41 +342,86 @@ def _json_entry_problem(entry: Any) -> str | None:
     return None
 
 
-def _add(
-    items: list[DatasetItem],
-    bad: list[BadItem],
-    root: Path,
-    source: str,
-    caption: str,
-    declared_kind: str | None,
-    image: Path | None,
-    line: int,
-    at: str,
-    size: tuple[int, int] | None = None,
-    resolver: Resolver | None = None,
-) -> None:
-    """Check one entry and append it to `items`, or its reason to `bad`."""
-    source = source.strip()
-    # Whitespace runs (a CSV caption spanning lines, double spaces) become one space: equal captions stay equal.
-    caption = " ".join(caption.split())
-    path, problem, st = _resolve(root, source, "path", resolver)
-    if problem is None:
-        if _undecodable(caption):
-            problem = "caption is not valid UTF-8"
-        elif not caption:
-            problem = "empty caption"
-    kind: Kind = "image" if _is_image(source) else "video"
-    if problem is None and declared_kind is not None and declared_kind != kind:
-        problem = f"type is {declared_kind!r} but {Path(source).name!r} is read as a {kind}"
-    if problem is not None:
-        bad.append(BadItem(source or at, f"{at}: {problem}"))
-        return
-    width, height = size or (None, None)
-    items.append(DatasetItem(source, path, caption, kind, image, line, width, height, st))
+class _Entries:
+    """A dataset's entries as the layout lists them, as parallel lists (no object per entry), and the bad ones
+    found so far; `check` resolves and checks each, the same rules for every layout."""
+
+    def __init__(self, root: Path, name: str, word: str, sources: list[str], captions: list[str],
+                 lines: list[int] | range, kinds: list[str | None] | None = None,
+                 sizes: list[tuple[int, int] | None] | None = None):
+        self.root, self.name, self.word = root, name, word
+        """Where entries are: "`name` `word` N" (``videos.txt line 3``, ``data.json entry 2``)."""
+        self.sources, self.captions, self.lines = sources, captions, lines
+        self.kinds, self.sizes = kinds, sizes
+        """The type and (width, height) each entry declares (``json``), None where it declares none."""
+        self.images: list[Path | None] | None = None
+        self._bad: list[tuple[int, BadItem]] = []
+
+    def refuse(self, line: int, bad: BadItem) -> None:
+        self._bad.append((line, bad))
+
+    def select_images(self, images: list[str]) -> None:
+        """Pair each entry with its first-frame image (`images`, written as in ``images.txt``); an entry whose
+        image cannot be used is refused."""
+        resolver = Resolver()
+        kept: list[int] = []
+        self.images = []
+        for index, written in enumerate(images):
+            image, problem, _ = _resolve(self.root, written, "image path", resolver)
+            if problem:
+                self.refuse(self.lines[index], BadItem(self.sources[index],
+                                                       f"{IMAGES_FILE} line {self.lines[index]}: {problem}"))
+            else:
+                kept.append(index)
+                self.images.append(image)
+        self.sources = [self.sources[i] for i in kept]
+        self.captions = [self.captions[i] for i in kept]
+        self.lines = [self.lines[i] for i in kept]
+
+    def check(self, layout: Layout, file: Path) -> DatasetColumns:
+        """Resolve and check every entry (one lstat each where its folder was seen, see `Resolver`): the usable
+        ones as columns, a `BadItem` naming the file, line and problem for each of the rest."""
+        folder, resolver, kinds = os.fspath(self.root), Resolver(), self.kinds
+        kept: list[int] = []
+        source_of, caption_of, kind_of, real_of, size_of, mtime_of = [], [], [], [], [], []
+        for index, (written, text) in enumerate(zip(self.sources, self.captions)):
+            source = written.strip()
+            # whitespace runs (a CSV caption spanning lines, double spaces) become one space: equal captions stay equal
+            caption = " ".join(text.split())
+            real, problem, st = _locate(folder, source, "path", resolver)
+            if problem is None:
+                if _undecodable(caption):
+                    problem = "caption is not valid UTF-8"
+                elif not caption:
+                    problem = "empty caption"
+            kind: Kind = "image" if _is_image(source) else "video"
+            if problem is None and kinds is not None and kinds[index] is not None and kinds[index] != kind:
+                problem = f"type is {kinds[index]!r} but {Path(source).name!r} is read as a {kind}"
+            if problem is not None:
+                at = f"{self.name} {self.word} {self.lines[index]}"
+                self.refuse(self.lines[index], BadItem(source or at, f"{at}: {problem}"))
+                continue
+            kept.append(index)
+            source_of.append(source)
+            caption_of.append(caption)
+            kind_of.append(kind)
+            real_of.append(real)
+            size_of.append(st.st_size)
+            mtime_of.append(st.st_mtime_ns)
+        # each entry makes at most one bad item: in line order, they are in the order of the dataset
+        self._bad.sort(key=lambda pair: pair[0])
+        return DatasetColumns(
+            layout, file, source_of, caption_of, kind_of, real_of, np.array(size_of, np.int64),
+            np.array(mtime_of, np.int64), [self.lines[i] for i in kept], [bad for _, bad in self._bad],
+            image=[self.images[i] for i in kept] if self.images is not None else None,
+            declared_size=[self.sizes[i] for i in kept] if self.sizes and any(self.sizes) else None)
 
 
 def _is_image(source: str) -> bool:
     """`is_image(source)`, looked up once per suffix (as pathlib takes the suffix of the last name)."""
+    dot = source.rfind(".")
+    if source.rfind("/") + 1 < dot < len(source) - 1:  # the common case: a dot inside the last name, not first
+        return _is_image_suffix(source[dot:])
     name = source.rstrip("/").rpartition("/")[2]
     if name in ("", ".", ".."):
         return is_image(source)
@@ -333,22 +438,28 @@ def _resolve(root: Path, written: str, what: str, resolver: Resolver | None = No
              ) -> tuple[Path | None, str | None, os.stat_result | None]:
     """(the real path of the file `written` names (relative to `root` unless absolute), None, its stat), or
     (None, a reason it cannot be used, None). One lstat per file where its folder was seen (see `Resolver`)."""
-    written = written.strip()
+    resolver = resolver or Resolver()
+    real, problem, st = _locate(os.fspath(root), written.strip(), what, resolver)
+    return (resolver.as_path(real) if real is not None else None), problem, st
+
+
+def _locate(folder: str, written: str, what: str, resolver: Resolver
+            ) -> tuple[str | None, str | None, os.stat_result | None]:
+    """`_resolve` of a stripped `written` in `folder`, the real path as a string."""
     if not written:
         return None, f"empty {what}", None
     if _undecodable(written):
         return None, f"{what} is not valid UTF-8", None
-    resolver = resolver or Resolver()
     try:
         named = os.path.expanduser(written) if written[0] == "~" else written
-        real, st = resolver.stat(named if named[0] == "/" else f"{os.fspath(root)}/{named}")
+        real, st = resolver.stat(named if named[0] == "/" else f"{folder}/{named}")
     except OSError as e:  # what Path.exists takes for "no such file"; anything else raises, as it did
         if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
             raise
         return None, f"{written} not found", None
     if not _stat.S_ISREG(st.st_mode):
         return None, f"{written} is not a file", None
-    return resolver.as_path(real), None, st
+    return real, None, st
 
 
 def read_text_file(file: Path) -> str:
@@ -401,6 +512,11 @@ def split_lines(text: str) -> list[str]:
 
 
 def _undecodable(text: str) -> bool:
+    """Whether `text` holds bytes that were not UTF-8 (the lone surrogates `read_text_file` leaves)."""
     if text.isascii():  # the common case, in C: no lone surrogate
         return False
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    try:
+        text.encode("utf-8")  # in C: a text that encodes holds no surrogate at all
+        return False
+    except UnicodeEncodeError:
+        return any("\udc80" <= ch <= "\udcff" for ch in text)

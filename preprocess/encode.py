@@ -470,7 +470,7 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def _loc(loc: S.Location) -> list:
-    return [loc.shard, loc.offset, loc.size]
+    return [loc.shard, loc.offset, loc.size, loc.crc]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -559,8 +559,8 @@ def _merge_rows(plan: Plan, lists: list[dict[str, Any]], result: EncodeResult) -
         result.encoded_texts += len(data["texts"])
         for key, members in data["videos"].items():
             videos[key] = {m: S.Location(*loc) for m, loc in members.items()}
-        for key, (shard, offset, size, tokens) in data["texts"].items():
-            texts[key] = (S.Location(shard, offset, size), tokens)
+        for key, (*location, tokens) in data["texts"].items():
+            texts[key] = (S.Location(*location), tokens)
         failures.update(data["failures"])
     rows = []
     skipped = list(plan.bad)

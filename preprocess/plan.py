@@ -117,10 +117,12 @@ class KnownItems:
     first use, so `cogprep status` and cogtrain's start-up check never build a million of them."""
 
     LOCATION_COLUMNS = ("video_key", "text_key", "text_tokens", *S.SAMPLE_COLUMNS)
+    """Read with the plan; the members' CRCs (`S.CRC_COLUMNS`) only with the locations, from `store`."""
 
     def __init__(self, index: dict[str, list] | None, video_orphans: dict[str, dict[str, S.Location]],
-                 text_orphans: dict[str, tuple[S.Location, int]], damaged: set[str]):
+                 text_orphans: dict[str, tuple[S.Location, int]], damaged: set[str], store: Path | None = None):
         self._index = index or {name: [] for name in self.LOCATION_COLUMNS}
+        self._store = store
         self._video_orphans, self._text_orphans, self._damaged = video_orphans, text_orphans, damaged
         self.video_keys = (set(self._index["video_key"]) | set(video_orphans)) - damaged
         self.text_keys = (set(self._index["text_key"]) | set(text_orphans)) - damaged
@@ -147,9 +149,18 @@ class KnownItems:
             out.pop(key, None)
         return out
 
+    @functools.cached_property
+    def _crcs(self) -> dict[str, list]:
+        """The index's CRC columns, row for row with the planned columns (an encode holds the store lock from
+        its plan to its commit)."""
+        if self._store is None or not self._index["video_key"]:
+            return {}
+        return S.read_index_columns(self._store, S.CRC_COLUMNS)
+
     def _rows(self):
-        names = list(self._index)
-        for values in zip(*self._index.values()):
+        columns = self._index | self._crcs
+        names = list(columns)
+        for values in zip(*columns.values()):
             yield dict(zip(names, values))
 
 
@@ -221,23 +232,27 @@ def text_fingerprint(fingerprints: dict[str, str]) -> str:
 
 
 def plan_against_store(dataset: Path, store: Path, fingerprints: dict[str, str] | None = None,
-                       hashes: FileHashes | None = None) -> Plan:
+                       hashes: FileHashes | None = None, data: Dataset | None = None,
+                       within: set[str] | None = None) -> Plan:
     """Plan an encode of `dataset` with the settings and dataset options recorded in `store`.
 
     `fingerprints` are the model's component fingerprints (vae, text_encoder, tokenizer); by default those the
     store recorded, which asks only whether the *dataset* changed (what cogtrain checks, with no T5 to hash).
+    `data`: the entries of `dataset` to plan where the caller has read them, and `within`, where those are the
+    entries of some sources only, those sources (see `plan_encode`).
     """
     manifest = S.Manifest.load(store)
     fingerprints = fingerprints or manifest.model["fingerprints"]
     info = manifest.dataset
-    data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
-                        video_column=info.get("video_column"), id_token=info.get("id_token"))
+    if data is None:
+        data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
+                            video_column=info.get("video_column"), id_token=info.get("id_token"))
     recorded = dict(manifest.settings)
     settings = EncodeSettings(**{**recorded, "sampling": FrameSampling(**recorded["sampling"])})
     hashes = hashes or FileHashes(Path(store) / CACHE_DIR / "files.json")
     task = get_variant(manifest.model["variant"]).task
     return plan_encode(data, BucketSpec.from_json(recorded["buckets"]), settings, fingerprints["vae"],
-                       text_fingerprint(fingerprints), Path(store), hashes, task)
+                       text_fingerprint(fingerprints), Path(store), hashes, task, within=within)
 
 
 def text_key(caption: str, text_fingerprint: str, settings: EncodeSettings) -> str:
@@ -256,13 +271,16 @@ def plan_encode(
     save_caches: bool = True,
     progress: bool = False,
     journal_hashes: bool = False,
+    within: set[str] | None = None,
 ) -> Plan:
     """Compare the dataset as it is now with the store and list the work. Reads no video that it knows.
 
     `task` is the model's (``t2v`` or ``i2v``): an image-to-video model skips image entries. With `save_caches`
     False nothing is written (the caller calls `Plan.save_caches` when it may write), except, with
     `journal_hashes`, the hash journal (see `FileHashes.hash_files`), so a run killed while hashing the files
-    of a first encode hashes none of them again. `progress`: a progress bar over that hashing."""
+    of a first encode hashes none of them again. `progress`: a progress bar over that hashing. `within`: the
+    sources `dataset` is limited to (every entry of each), where the caller knows the rest are unchanged:
+    `Plan.changes` then counts among those sources alone, and its samples are not the whole index's."""
     probes = ProbeCache(Path(store) / CACHE_DIR / "probe.json")
     bad = list(dataset.bad)
     samples: list[dict[str, Any]] = []
@@ -310,7 +328,7 @@ def plan_encode(
         bad=bad,
         caches=[hashes, probes],
     )
-    plan.changes = _changes(index, samples, damaged)
+    plan.changes = _changes(index, samples, damaged, within)
     return plan
 
 
@@ -448,16 +466,20 @@ def _known_items(store: Path, index: dict[str, list] | None, damaged: set[str]) 
     if reader is not None:
         reader.close()
     return KnownItems({name: index[name] for name in KnownItems.LOCATION_COLUMNS} if index else None, video, text,
-                      damaged)
+                      damaged, store)
 
 
 def _changes(index: dict[str, list] | None, samples: list[dict[str, Any]],
-             damaged: set[str]) -> dict[str, list[str]]:
-    """Sources by what an encode does to them; a source with `damaged` cached items counts as changed.
+             damaged: set[str], within: set[str] | None = None) -> dict[str, list[str]]:
+    """Sources by what an encode does to them; a source with `damaged` cached items counts as changed; with
+    `within`, only those sources of the index are compared.
 
     A source is unchanged when its (video key, text key) pairs are those the index holds for it. Compared as
     sets of (source, video key, text key): a source with a triple on one side only has changed."""
     old_source, old_video, old_text = (index["source"], index["video_key"], index["text_key"]) if index else ([], [], [])
+    if within is not None:
+        kept = [i for i, source in enumerate(old_source) if source in within]
+        old_source, old_video, old_text = ([column[i] for i in kept] for column in (old_source, old_video, old_text))
     new = {r["source"] for r in samples}
     old = set(old_source)
     new_triples = {(r["source"], r["video_key"], r["text_key"]) for r in samples}

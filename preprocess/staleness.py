@@ -8,23 +8,30 @@ settings and fingerprints checked here are those the store recorded. So where ev
 caption, kind, size, mtime) is one the index records, and the index records no other, the plan would find
 every source unchanged: `current_by_columns` compares those five columns (pyarrow) and hashes nothing.
 
-Anything it cannot decide that way (an entry the index lacks: a new clip, an edited caption, a touched file, or
-one the last encode skipped; a conditioning image, whose hash the index does not break out; items `cogprep
-verify` found damaged) is left to the full plan, which says exactly what changed.
+Where something differs, only the sources that differ are planned: an entry the index lacks (a new clip, an
+edited caption, a touched file, one the last encode skipped), an index row the dataset no longer lists, an entry
+with a conditioning image (whose hash the index does not break out) and a source with items `cogprep verify`
+found damaged. Every entry of those sources, and nothing else, becomes a `DatasetItem` and goes through the plan
+(`plan_against_store(..., within=...)`), which says exactly what changed; the rest are unchanged by columns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..shared import store as S
+from ..shared.fingerprint import FileHashes
 from ..shared.variants import get_variant
-from .datasets import read_dataset
+from .datasets import Dataset, DatasetColumns, read_columns
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 KEYED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 """The model components whose fingerprints are part of the content keys."""
@@ -43,56 +50,130 @@ class Current:
     its bad items where every other entry is current)."""
 
 
+@dataclass(frozen=True)
+class StoreChanges:
+    """What an encode of the dataset would do to the store: what `cogprep status` reports."""
+
+    changes: dict[str, list[str]]
+    """Sources by what an encode does to them: new, changed, removed (sorted)."""
+    unchanged: int
+    """Sources listed and unchanged."""
+    video_jobs: int
+    """Video items no shard holds yet."""
+    text_jobs: int
+    """Text items no shard holds yet."""
+    bad: int
+    """Entries the dataset reader refused or the plan skipped."""
+
+    @property
+    def stale(self) -> bool:
+        return any(self.changes.values())
+
+    def counts(self) -> dict[str, int]:
+        return {**{kind: len(sources) for kind, sources in self.changes.items()}, "unchanged": self.unchanged}
+
+
+@dataclass
+class _Comparison:
+    """The dataset compared with the index by columns (see the module doc)."""
+
+    columns: DatasetColumns
+    differing: pa.Array
+    """The distinct sources the columns cannot call unchanged."""
+    differing_entries: np.ndarray
+    """Positions in `columns` of the entries of those sources (image entries an image-to-video model skips aside)."""
+    unchanged: int
+    """Sources the columns call unchanged."""
+    bad: int
+    """Entries the reader refused, and image entries an image-to-video model skips."""
+
+
 def dataset_changes(dataset: Path, store: Path) -> dict[str, int]:
     """How many sources are new, changed, removed and unchanged since the store was encoded: by columns where
-    that decides it (see the module doc), else by the full plan."""
-    current = current_by_columns(dataset, store)
-    if current is not None:
-        return {"new": 0, "changed": 0, "removed": 0, "unchanged": current.unchanged}
+    that decides it, else by planning the sources that differ (see the module doc)."""
+    return store_changes(dataset, store).counts()
+
+
+def store_changes(dataset: Path, store: Path, fingerprints: dict[str, str] | None = None,
+                  hashes: FileHashes | None = None) -> StoreChanges:
+    """What an encode of `dataset` would do to `store`: by columns, planning only the sources that differ.
+    `fingerprints`, `hashes`: as `plan_against_store` takes them; another model's fingerprints, or hashes that
+    re-hash every file (trusting no size and mtime), plan every entry."""
     from .plan import plan_against_store
 
-    return {kind: len(sources) for kind, sources in plan_against_store(dataset, store).changes.items()}
+    rehash = hashes is not None and hashes.rehash
+    compared = None if rehash else _compare(dataset, store, fingerprints)
+    if compared is None:
+        return _from_plan(plan_against_store(dataset, store, fingerprints, hashes), bad=0)
+    if not len(compared.differing):
+        return StoreChanges({"new": [], "changed": [], "removed": []}, compared.unchanged, 0, 0, compared.bad)
+    columns = compared.columns
+    data = Dataset(columns.layout, columns.file, columns.items(compared.differing_entries.tolist()), [])
+    plan = plan_against_store(dataset, store, fingerprints, hashes, data=data,
+                              within=set(compared.differing.to_pylist()))
+    return _from_plan(plan, bad=compared.bad, unchanged=compared.unchanged)
+
+
+def _from_plan(plan: Plan, bad: int, unchanged: int = 0) -> StoreChanges:
+    """`plan`'s changes, with `unchanged` sources and `bad` entries it did not see."""
+    changes = {kind: plan.changes[kind] for kind in ("new", "changed", "removed")}
+    return StoreChanges(changes, unchanged + len(plan.changes["unchanged"]), len(plan.video_jobs),
+                        len(plan.text_jobs), bad + len(plan.bad))
 
 
 def current_by_columns(dataset: Path, store: Path, fingerprints: dict[str, str] | None = None) -> Current | None:
-    """What a current store holds, or None where the columns cannot say it is current (the full plan decides).
+    """What a current store holds, or None where the columns cannot say it is current (the plan decides).
     `fingerprints`: the model's components' (see `plan_against_store`), by default those the store recorded."""
+    compared = _compare(dataset, store, fingerprints)
+    if compared is None or len(compared.differing):
+        return None
+    return Current(unchanged=compared.unchanged, bad=compared.bad)
+
+
+def _compare(dataset: Path, store: Path, fingerprints: dict[str, str] | None) -> _Comparison | None:
+    """The dataset compared with the index by columns; None where the columns can decide nothing (another model's
+    fingerprints, no index yet)."""
     manifest = S.Manifest.load(store)
     recorded = manifest.model["fingerprints"]
     if fingerprints is not None and any(fingerprints.get(c) != recorded.get(c) for c in KEYED_COMPONENTS):
         return None
-    if S.read_damaged(store):
-        return None
-    info = manifest.dataset
-    data = read_dataset(dataset, info.get("layout"), caption_column=info.get("caption_column"),
-                        video_column=info.get("video_column"), id_token=info.get("id_token"))
-    # an image-to-video model skips image entries (the plan reports them as bad, never as samples)
-    i2v = get_variant(manifest.model["variant"]).task == "i2v"
-    items = [item for item in data.items if not (i2v and item.kind == "image")]
-    bad = len(data.bad) + len(data.items) - len(items)
-    if any(item.image is not None for item in items):
-        return None
-    # numbers straight into numpy: a million Python ints in lists would cost another 100 MB at the peak
-    listed = pa.table({
-        "source": pa.array([item.source for item in items], pa.string()),
-        "caption": pa.array([item.caption for item in items], pa.string()),
-        "kind": pa.array([item.kind for item in items], pa.string()),
-        "source_size": np.fromiter((item.stat.st_size for item in items), np.int64, len(items)),
-        "source_mtime_ns": np.fromiter((item.stat.st_mtime_ns for item in items), np.int64, len(items)),
-    })
-    del data, items
-    index = S.read_index_table(store, COMPARED)
+    damaged = S.read_damaged(store)
+    index = S.read_index_table(store, (*COMPARED, "video_key", "text_key") if damaged else COMPARED)
     if index is None:
         return None
-    # several rows of one entry (its clip windows), or one entry listed twice: each compared once
-    listed, index = _distinct(listed), _distinct(index)
-    if listed.num_rows != index.num_rows or not listed.equals(index):
-        return None
-    return Current(unchanged=pc.count_distinct(index.column("source")).as_py(), bad=bad)
+    info = manifest.dataset
+    columns = read_columns(dataset, info.get("layout"), caption_column=info.get("caption_column"),
+                           video_column=info.get("video_column"), id_token=info.get("id_token"))
+    listed = pa.table({"source": pa.array(columns.source, pa.string()),
+                       "caption": pa.array(columns.caption, pa.string()),
+                       "kind": pa.array(columns.kind, pa.string()),
+                       "source_size": columns.size, "source_mtime_ns": columns.mtime_ns})
+    # an image-to-video model skips image entries (the plan reports them as bad, never as samples)
+    planned = np.arange(len(columns))
+    if get_variant(manifest.model["variant"]).task == "i2v":
+        videos = pc.equal(listed["kind"], "video")
+        listed, planned = listed.filter(videos), planned[videos.to_numpy(zero_copy_only=False)]
+    bad = len(columns.bad) + len(columns) - listed.num_rows
+    listed_key, index_key = _row_keys(listed), _row_keys(index)
+    differing = [listed["source"].filter(pc.invert(pc.is_in(listed_key, value_set=index_key))),
+                 index["source"].filter(pc.invert(pc.is_in(index_key, value_set=listed_key)))]
+    del listed_key, index_key
+    if columns.image is not None:  # the index does not break out a conditioning image's hash
+        differing.append(pa.array([columns.source[i] for i in planned if columns.image[i] is not None], pa.string()))
+    if damaged:
+        keys = pa.array(list(damaged), pa.string())
+        hit = pc.or_(pc.is_in(index["video_key"], value_set=keys), pc.is_in(index["text_key"], value_set=keys))
+        differing.append(index["source"].filter(hit))
+    differing = pc.unique(pa.chunked_array(differing, pa.string()).combine_chunks())
+    in_index = index["source"]
+    unchanged = pc.count_distinct(in_index.filter(pc.invert(pc.is_in(in_index, value_set=differing)))).as_py()
+    entries = planned[pc.is_in(listed["source"], value_set=differing).to_numpy(zero_copy_only=False)]
+    return _Comparison(columns, differing, entries, unchanged, bad)
 
 
-def _distinct(table: pa.Table) -> pa.Table:
-    """The distinct rows of `table`, sorted: two tables of the same rows in any order and number compare equal."""
-    names = list(COMPARED)
-    distinct = table.group_by(names, use_threads=False).aggregate([]).select(names)
-    return distinct.sort_by([(name, "ascending") for name in names]).combine_chunks()
+def _row_keys(table: pa.Table) -> pa.Array:
+    """One string per row standing for its compared values, NUL apart: no path holds a NUL and the fields after
+    the caption hold none, so two rows make the same string only where their values are equal."""
+    values = [table[name] for name in ("source", "caption", "kind")]
+    values += [pc.cast(table[name], pa.string()) for name in ("source_size", "source_mtime_ns")]
+    return pc.binary_join_element_wise(*values, "\x00").combine_chunks()

@@ -16,6 +16,7 @@ that encode's closed shards are not in the index yet, so they would look dead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tarfile
@@ -196,9 +197,16 @@ def _relocated_index(store: Path, moved: dict[tuple[str, int], S.Location], rewr
 
 def _relocate(row: dict[str, Any], moved: dict[tuple[str, int], S.Location]) -> dict[str, Any]:
     """The row with its members' new locations (a video item's members move together: they share a shard)."""
+
+    def new_location(loc: S.Location) -> S.Location:
+        # the bytes move unchanged, so the CRC recorded when they were written moves with them: one computed from
+        # the copy would vouch for damage the old bytes already had
+        new = moved.get((loc.shard, loc.offset))
+        return loc if new is None else dataclasses.replace(new, crc=loc.crc)
+
     video, text = S.row_locations(row)
-    video = {member: moved.get((loc.shard, loc.offset), loc) for member, loc in video.items()}
-    return {**row, **S.location_columns(video, moved.get((text.shard, text.offset), text))}
+    return {**row, **S.location_columns({member: new_location(loc) for member, loc in video.items()},
+                                        new_location(text))}
 
 
 def _delete_after_commit(store: Path, shards: list[str], temp_files: list[Path]) -> None:

@@ -2,23 +2,27 @@
 `cogprep verify`, each against a baseline measured in the same run.
 
     python scripts/bench_faults.py [--samples 1000000] [--shards 1000] [--verify-samples 300]
-                                   [--latent 16x13x30x45] [--workers 1,2] [--json-out bench.json]
+                                   [--latent 16x13x30x45] [--workers 1,2] [--page-cache warm]
+                                   [--json-out bench.json]
 
 (a) start-up check: an index of N samples spread over S video shards and S/10 text shards (sparse files of the
     length the index needs), loaded as the trainer loads it (`IndexColumns`) and checked (`check_shards`: one
     stat per shard). Reported: the check alone, and the index load it comes with. Target: the check < 2 s at
     1,000,000 samples.
 (b) verify: a store of M samples of random bfloat16 latents (mean + log-variance of the given shape, gzip
-    level 1 as cogprep writes them) and one caption each, read back by `verify_store`; its rate in MB/s of
-    shard bytes, against reading the same files plainly, sequentially, in this run. Both read after the page
-    cache is dropped where this process may drop it (root, not in every container): the JSON says whether it was.
-    Target: verify within 2x of the plain read (the disk's speed). Verify must inflate every member to check its
-    CRC, so it is bound by the CPU: it runs once per --workers count, and for each the table gives its MB/s, the
-    cores it kept busy (CPU seconds of all its threads over wall seconds: near the worker count when its threads
-    really run in parallel, near 1 if the GIL serialised them) and its MB per CPU second, the rate one core
-    gives, which other jobs on the machine do not change. From that rate: the cores verify needs to read at the
-    plain read's speed here, and at a few common disks' speeds. gunzip alone on one core, from memory, is the
-    ceiling beside it.
+    level 1 as cogprep writes them) and one caption each, read back by `verify_store` as `cogprep verify` does
+    (each member's stored bytes against the CRC-32 the index records, and its safetensors header) and as
+    `cogprep verify --deep` does (every member inflated); their rates in MB/s of shard bytes, against reading
+    the same files plainly, sequentially, in this run. Every read finds the page cache alike: with
+    --page-cache warm (the default) the shards are read once beforehand and stay in memory, so the figures are
+    the CPU's cost of each way of reading; with cold the cache is dropped before each read (root only; it slows
+    everything else on the machine for a while), so they are the disk's. Target: verify within 2x of the plain
+    read. Each way runs once per --workers count, and for each the table gives its MB/s, the cores it kept busy
+    (CPU seconds of all its threads over wall seconds: near the worker count when its threads really run in
+    parallel, near 1 if the GIL serialised them) and its MB per CPU second, the rate one core gives, which other
+    jobs on the machine do not change. From that rate: the cores each way needs to read at the plain read's
+    speed here, and at a few common disks' speeds. gunzip and crc32 alone on one thread, from memory, in MB per
+    CPU second, are the ceilings beside them.
 Prints a table, then the results as JSON.
 """
 
@@ -32,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each measure (the median is kept)")
     parser.add_argument("--workers", default="1,2",
                         help="comma-separated worker counts verify is measured with (default 1,2)")
+    parser.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
+                        help="warm: the shards stay in memory for every read (the CPU's cost); cold: dropped before "
+                             "each read (the disk's speed; root only)")
     parser.add_argument("--json-out", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "a_startup_check": measure_startup_check(Path(tmp) / "large", args.samples, args.shards, args.rounds),
             "b_verify": measure_verify(Path(tmp) / "verify", args.verify_samples,
                                        tuple(int(x) for x in args.latent.split("x")), args.rounds,
-                                       [int(n) for n in args.workers.split(",")]),
+                                       [int(n) for n in args.workers.split(",")], args.page_cache == "cold"),
         }
     results["pass"] = {
         "startup_check": results["a_startup_check"]["check_s"] < TARGET_CHECK_SECONDS,
@@ -145,10 +153,7 @@ def write_store(store: Path, samples: int, latent: tuple[int, ...]) -> None:
             "key": f"k{i:08d}", "source": f"videos/{i}.mp4", "kind": "video", "bucket": f"{frames}x{height}x{width}",
             "frames": frames, "height": height, "width": width, "caption": f"caption {i}", "clip_start": 0,
             "clip_step": 1.0, "source_size": 1, "source_mtime_ns": 1, "source_hash": "h", "video_key": f"v{i:08d}",
-            "text_key": f"t{i:08d}", "shard": where[S.LATENT].shard, "latent_offset": where[S.LATENT].offset,
-            "latent_size": where[S.LATENT].size, "image_offset": -1, "image_size": 0,
-            "text_shard": said[S.TEXT].shard, "text_offset": said[S.TEXT].offset, "text_size": said[S.TEXT].size,
-            "text_tokens": 4,
+            "text_key": f"t{i:08d}", **S.location_columns(where, said[S.TEXT]), "text_tokens": 4,
         })
     video.close()
     text.close()
@@ -176,8 +181,8 @@ def plain_read(store: Path) -> int:
     return total
 
 
-def inflate_only(store: Path) -> float:
-    """Seconds to gunzip every member on one core, from memory: the CPU cost under verify's read."""
+def stored_members(store: Path) -> list[bytes]:
+    """Every member's stored bytes, in memory."""
     members = []
     for row in S.read_index(store):
         for shard, offset, size in ((row["shard"], row["latent_offset"], row["latent_size"]),
@@ -185,76 +190,105 @@ def inflate_only(store: Path) -> float:
             with open(store / shard, "rb") as f:
                 f.seek(offset)
                 members.append(f.read(size))
-    started = time.perf_counter()
+    return members
+
+
+def one_core_seconds(members: list[bytes], check) -> float:
+    """CPU seconds `check` takes over every member on one thread, from memory: the CPU cost under one way of
+    verifying (CPU seconds, not wall: the machine's other jobs do not change them)."""
+    started = time.process_time()
     for data in members:
-        gzip.decompress(data)
-    return time.perf_counter() - started
+        check(data)
+    return time.process_time() - started
 
 
-DISK_MB_S = {"a SATA SSD (500 MB/s)": 500, "a PCIe 3 NVMe (3,000 MB/s)": 3000, "a PCIe 4 NVMe (7,000 MB/s)": 7000}
+DISK_MB_S = {"a SATA SSD (550 MB/s)": 550, "a PCIe 3 NVMe (3,000 MB/s)": 3000, "a PCIe 4 NVMe (7,000 MB/s)": 7000}
 """Sequential read speeds of common disks, in MB/s: what the cores-needed projection is given for."""
 
 
-def timed_verify(store: Path, workers: int) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of all this process's threads) of one verify of `store` from a cold cache."""
+def timed(read) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all this process's threads) of one call of `read`."""
     started, cpu = time.perf_counter(), time.process_time()
-    result = verify_store(store, workers=workers, progress=False)
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    read()
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def checked_verify(store: Path, workers: int, deep: bool) -> None:
+    result = verify_store(store, workers=workers, progress=False, deep=deep)
     assert not result.damaged_items, result.damaged_items
-    return wall, cpu
+    assert result.inflated == (result.members if deep else 0), result.inflated  # the path this run measures
 
 
-def measure_verify(store: Path, samples: int, latent: tuple[int, ...], rounds: int, workers: list[int]) -> dict:
+def rates(shard_mb: float, measured: list[tuple[float, float]], plain_s: float) -> dict:
+    wall = statistics.median(w for w, _ in measured)
+    cpu = statistics.median(c for _, c in measured)
+    return {"mb_s": shard_mb / wall, "cores_busy": cpu / wall, "mb_per_cpu_s": shard_mb / cpu,
+            "slowdown_vs_plain_read": wall / plain_s}
+
+
+def measure_verify(store: Path, samples: int, latent: tuple[int, ...], rounds: int, workers: list[int],
+                   cold: bool) -> dict:
     write_store(store, samples, latent)
     shard_mb = sum(p.stat().st_size for p in (store / S.SHARDS).rglob("*.tar")) / 2**20
-    members = len(S.read_index(store)) * 2
-    inflate_s = statistics.median(inflate_only(store) for _ in range(rounds))
-    plain, runs, dropped = [], {n: [] for n in workers}, True
+    members = stored_members(store)
+    inflate_s = statistics.median(one_core_seconds(members, gzip.decompress) for _ in range(rounds))
+    crc_s = statistics.median(one_core_seconds(members, zlib.crc32) for _ in range(rounds))
+    del members
+    ways = {"verify": False, "deep": True}
+    plain, runs = [], {(way, n): [] for way in ways for n in workers}
+    dropped = not cold or drop_page_cache()
+    plain_read(store)  # warm: every page in memory for every read below (cold: dropped again before each)
     for _ in range(rounds):  # interleaved, so that a change in the machine's load touches every measure alike
-        dropped &= drop_page_cache()
-        started = time.perf_counter()
-        plain_read(store)
-        plain.append(time.perf_counter() - started)
-        for n in workers:
+        if cold:
             dropped &= drop_page_cache()
-            runs[n].append(timed_verify(store, n))
-    plain_s = statistics.median(plain)
-    by_workers = {}
-    for n, measured in runs.items():
-        wall = statistics.median(w for w, _ in measured)
-        cpu = statistics.median(c for _, c in measured)
-        by_workers[str(n)] = {"mb_s": shard_mb / wall, "cores_busy": cpu / wall, "mb_per_cpu_s": shard_mb / cpu,
-                              "slowdown_vs_plain_read": wall / plain_s}
-    most = by_workers[str(max(workers))]
-    per_core = statistics.median(w["mb_per_cpu_s"] for w in by_workers.values())
+        plain.append(timed(lambda: plain_read(store)))
+        for (way, n), measured in runs.items():
+            if cold:
+                dropped &= drop_page_cache()
+            measured.append(timed(lambda: checked_verify(store, n, ways[way])))
+    plain_s = statistics.median(w for w, _ in plain)
     plain_mb_s = shard_mb / plain_s
-    return {"samples": samples, "members": members, "shard_mb": shard_mb, "plain_read_mb_s": plain_mb_s,
-            "by_workers": by_workers, "verify_mb_s": most["mb_s"],
-            "slowdown_vs_plain_read": most["slowdown_vs_plain_read"], "verify_mb_per_core_s": per_core,
-            "cores_for_disk_speed": {"the plain read here": math.ceil(plain_mb_s / per_core)}
-            | {name: math.ceil(speed / per_core) for name, speed in DISK_MB_S.items()},
-            "page_cache_dropped": dropped, "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-            "inflate_one_core_mb_s": shard_mb / inflate_s}
+    out = {"samples": samples, "members": 2 * samples, "shard_mb": shard_mb, "plain_read_mb_s": plain_mb_s,
+           "plain_read_mb_per_cpu_s": shard_mb / statistics.median(c for _, c in plain)}
+    for way in ways:
+        by_workers = {str(n): rates(shard_mb, runs[way, n], plain_s) for n in workers}
+        per_core = statistics.median(w["mb_per_cpu_s"] for w in by_workers.values())
+        prefix = "" if way == "verify" else "deep_"
+        out |= {f"{prefix}by_workers": by_workers, f"{way}_mb_s": by_workers[str(max(workers))]["mb_s"],
+                f"{prefix}slowdown_vs_plain_read": by_workers[str(max(workers))]["slowdown_vs_plain_read"],
+                f"{way}_mb_per_core_s": per_core,
+                f"{prefix}cores_for_disk_speed": {"the plain read here": math.ceil(plain_mb_s / per_core)}
+                | {name: math.ceil(speed / per_core) for name, speed in DISK_MB_S.items()}}
+    return out | {"page_cache": "dropped before each read" if cold and dropped else "warm: every read from memory",
+                  "page_cache_dropped": cold and dropped, "cores": os.cpu_count(),
+                  "load_average_1min": os.getloadavg()[0], "inflate_one_core_mb_s": shard_mb / inflate_s,
+                  "crc32_one_core_mb_s": shard_mb / crc_s}
 
 
 def print_table(results: dict) -> None:
     a, b, passed = results["a_startup_check"], results["b_verify"], results["pass"]
+    store = f"{b['samples']} samples ({b['shard_mb']:.0f} MB)"
     rows = [
         (f"start-up shard check, {a['samples']:,} samples / {a['shards']} shards", f"{a['check_s']:.3f} s",
          f"< {TARGET_CHECK_SECONDS} s", "PASS" if passed["startup_check"] else "FAIL"),
         ("  (the index load it comes with)", f"{a['index_load_s']:.3f} s", "", ""),
-        ("plain sequential read of the verified shards", f"{b['plain_read_mb_s']:.0f} MB/s", "", ""),
-        *[(f"verify, {b['samples']} samples ({b['shard_mb']:.0f} MB), {n} worker{'s' * (n != '1')}: MB/s, "
-           f"cores busy, MB per CPU s", f"{w['mb_s']:.0f} MB/s", f"{w['cores_busy']:.2f}",
-           f"{w['mb_per_cpu_s']:.0f}") for n, w in b["by_workers"].items()],
-        (f"gunzip alone, one core, from memory ({b['cores']} cores here, load {b['load_average_1min']:.1f})",
-         f"{b['inflate_one_core_mb_s']:.0f} MB/s", "", ""),
+        ("plain sequential read of the verified shards: MB/s, MB per CPU s", f"{b['plain_read_mb_s']:.0f} MB/s",
+         f"{b['plain_read_mb_per_cpu_s']:.0f}", ""),
+        *[(f"{name}, {store}, {n} worker{'s' * (n != '1')}: MB/s, cores busy, MB per CPU s",
+           f"{w['mb_s']:.0f} MB/s", f"{w['cores_busy']:.2f}", f"{w['mb_per_cpu_s']:.0f}")
+          for name, key in (("verify (CRC)", "by_workers"), ("verify --deep", "deep_by_workers"))
+          for n, w in b[key].items()],
+        (f"crc32 alone, one thread, from memory: MB per CPU s ({b['cores']} cores here, load "
+         f"{b['load_average_1min']:.1f})", f"{b['crc32_one_core_mb_s']:.0f}", "", ""),
+        ("gunzip alone, one thread, from memory: MB per CPU s", f"{b['inflate_one_core_mb_s']:.0f}", "", ""),
         ("verify time / plain read time, most workers", f"{b['slowdown_vs_plain_read']:.2f}",
          f"<= {TARGET_VERIFY_SLOWDOWN}", "PASS" if passed["verify"] else "FAIL"),
-        *[(f"cores verify needs to keep up with {disk} at {b['verify_mb_per_core_s']:.0f} MB/s a core", str(cores),
-           "", "")
-          for disk, cores in b["cores_for_disk_speed"].items()],
-        ("page cache dropped before each read", str(b["page_cache_dropped"]), "", ""),
+        ("--deep time / plain read time, most workers", f"{b['deep_slowdown_vs_plain_read']:.2f}", "", ""),
+        *[(f"cores {name} needs to keep up with {disk} at {b[rate]:.0f} MB/s a core", str(cores), "", "")
+          for name, rate, key in (("verify", "verify_mb_per_core_s", "cores_for_disk_speed"),
+                                  ("--deep", "deep_mb_per_core_s", "deep_cores_for_disk_speed"))
+          for disk, cores in b[key].items()],
+        ("page cache", b["page_cache"], "", ""),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value, target, verdict in rows:

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--json-out", type=Path)
-    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep what is built there; a later run "
+                        "with the same folder measures it again without rebuilding (default: a temporary folder)")
     parser.add_argument("--measure", nargs=2, type=Path, metavar=("DATASET", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = run(args.entries, work)
+        results = run(args.entries, work, reuse=args.keep is not None)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -79,15 +80,21 @@ def main(argv: list[str] | None = None) -> None:
     print_json(results, args.json_out)
 
 
-def run(counts: list[int], work: Path) -> dict:
+def run(counts: list[int], work: Path, reuse: bool = False) -> dict:
+    """Build and measure each of `counts`; with `reuse` (--keep) what an earlier run built in `work` is measured
+    again as it is, and what this run builds is kept."""
     started = time.time()
-    seed_data, seed_store, model = build_seed(work)
+    seed_data, seed_store, model = build_seed(work, reuse)
     out = {"setup": {"cpu_cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
                      "python": sys.version.split()[0]}, "runs": []}
     for n in counts:
-        data, store = work / f"data-{n}", work / f"store-{n}"
+        data, store, built = work / f"data-{n}", work / f"store-{n}", work / f"built-{n}"
         t = time.perf_counter()
-        build_scaled(seed_data, seed_store, data, store, n)
+        if not (reuse and built.exists()):
+            shutil.rmtree(data, ignore_errors=True)  # a build cut short
+            shutil.rmtree(store, ignore_errors=True)
+            build_scaled(seed_data, seed_store, data, store, n)
+            built.touch()
         build_s = time.perf_counter() - t
         t = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--measure", str(data), str(store)], capture_output=True,
@@ -100,8 +107,9 @@ def run(counts: list[int], work: Path) -> dict:
         result["process_s"] = round(wall - result.pop("after_status_s"), 2)
         result.update({"entries": n, "build_s": round(build_s, 1), "targets": TARGETS.get(n, {})})
         out["runs"].append(result)
-        shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(store, ignore_errors=True)
+        if not reuse:
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.rmtree(store, ignore_errors=True)
     out["bench_seconds"] = round(time.time() - started, 1)
     return out
 
@@ -110,16 +118,22 @@ def run(counts: list[int], work: Path) -> dict:
 # building the stores
 
 
-def build_seed(work: Path) -> tuple[Path, Path, Path]:
-    """A real store of 4 short clips, encoded by `cogprep encode` with the tiny CogVideoX-5b."""
+def build_seed(work: Path, reuse: bool = False) -> tuple[Path, Path, Path]:
+    """A real store of 4 short clips, encoded by `cogprep encode` with the tiny CogVideoX-5b (with `reuse`: the
+    one an earlier run built in `work`, if it finished)."""
     from bench_prep import cogprep, make_noop_dataset
     from cogtune.shared.zoo import TINY_NATIVE, make_tiny_model
 
-    model = make_tiny_model("5b", work / "model", seed=0)
-    data = make_noop_dataset(work / "seed", 4)
-    store = work / "seed-store"
+    data, store, model, built = work / "seed", work / "seed-store", work / "model", work / "built-seed"
+    if reuse and built.exists():
+        return data, store, model
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    model = make_tiny_model("5b", model, seed=0)
+    data = make_noop_dataset(data, 4)
     native = "x".join(str(n) for n in TINY_NATIVE["1.0"])
     cogprep("encode", data, "--model", model, "--out", store, "--resolution", native, "--workers", 0)
+    built.touch()
     return data, store, model
 
 
@@ -169,7 +183,7 @@ def build_scaled(seed_data: Path, seed_store: Path, data: Path, store: Path, n: 
     locations = {}
     for i in range(len(originals)):
         r = by_source[originals[i]]
-        locations[i] = {c: r[c] for c in S.SAMPLE_COLUMNS} | {"text_tokens": r["text_tokens"]}
+        locations[i] = {c: r[c] for c in S.LOCATION_COLUMNS} | {"text_tokens": r["text_tokens"]}
     columns = {name: [] for name in S.INDEX_SCHEMA.names}
     for sample in plan.samples:
         i = int(Path(sample["source"]).stem)

@@ -31,6 +31,16 @@ content-keyed: a video item by (video content, clip window, bucket, resize mode,
 by (caption, T5 + tokenizer, max length). Shards are written under a temporary name and renamed when closed;
 index.parquet, which also holds the manifest, is replaced atomically last. A run killed at any moment leaves the previous index intact, and
 closed shards it wrote are found again by `scan_shard` so their items need not be encoded twice.
+
+The index also records the CRC-32 (``zlib.crc32``) of each member's *stored* bytes, the gzip stream as it lies
+in the shard, computed as the writer adds it. `cogprep verify` compares it and parses only the safetensors header,
+so it reads at the disk's speed (crc32 runs at about 2 GB/s a core); checking the gzip CRC inside instead means
+inflating everything, at 0.1 GB/s a core. The gzip CRC still guards the inflated bytes wherever a member is read
+(`tensors_from_bytes`), and `cogprep gc` moves a member's recorded CRC with its bytes, never one computed from a
+copy. The CRC columns are null where nothing was recorded: a store written before them, an item a killed run left
+that an encode adopted (`scan_shard` reads no data); verify inflates those members in full, as ``--deep`` does
+every member. The columns needed no new format version: an older cogtune reads the columns it knows and ignores
+these, and this one reads an index without them as all null.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import fcntl
 import gzip
 import io
 import json
+import math
 import os
 import tarfile
 import tempfile
@@ -110,11 +121,14 @@ INDEX_SCHEMA = pa.schema(
         ("shard", pa.string()),  # video item's shard, relative to the store
         ("latent_offset", pa.int64()),
         ("latent_size", pa.int64()),
+        ("latent_crc", pa.uint32()),  # CRC-32 of the member's stored bytes; null where not recorded
         ("image_offset", pa.int64()),  # -1 when the store has no image latents (T2V)
         ("image_size", pa.int64()),
+        ("image_crc", pa.uint32()),
         ("text_shard", pa.string()),
         ("text_offset", pa.int64()),
         ("text_size", pa.int64()),
+        ("text_crc", pa.uint32()),
         ("text_tokens", pa.int32()),  # true token count of the caption (</s> included)
     ]
 )
@@ -206,17 +220,83 @@ def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise DamagedMember(f"{type(e).__name__}: {e}") from None
 
 
+def stored_crc(data: bytes) -> int:
+    """The CRC-32 the index records of a member's stored bytes (see the module doc)."""
+    return zlib.crc32(data)
+
+
+SAFETENSORS_DTYPES = {"BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E4M3": ("float8_e4m3fn", 1),
+                      "F8_E5M2": ("float8_e5m2", 1), "U16": ("uint16", 2), "I16": ("int16", 2),
+                      "F16": ("float16", 2), "BF16": ("bfloat16", 2), "U32": ("uint32", 4), "I32": ("int32", 4),
+                      "F32": ("float32", 4), "U64": ("uint64", 8), "I64": ("int64", 8), "F64": ("float64", 8)}
+"""safetensors' dtype codes: (torch's name of the dtype, bytes an element)."""
+MAX_HEADER_BYTES = 100_000_000
+"""The largest safetensors header safetensors itself reads; ours take a few hundred bytes."""
+
+
+def tensor_header(data: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype as torch names it, shape)} of a tensor member's tensors, from its safetensors header alone:
+    inflates only the header's bytes. The tensors' byte ranges must tile the data that follows the header, and
+    the inflated length the gzip trailer records must be header and data (what `tensors_from_bytes` checks by
+    inflating it all). Parsed here, not by safetensors: its Python API reads a header only together with the
+    whole buffer or from a file, and the point is to inflate a few hundred bytes of a member, not all of it."""
+    try:
+        length = int.from_bytes(_inflate_first(data, 8), "little")
+        if length > MAX_HEADER_BYTES:
+            raise DamagedMember(f"safetensors header of {length} bytes: garbled")
+        header = _inflate_first(data, 8 + length)[8:]
+        entries = json.loads(header)
+        entries.pop("__metadata__", None)
+        out, end = {}, 0
+        for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"]):
+            dtype, itemsize = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape, (begin, stop) = tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
+            if begin != end or stop - begin != itemsize * math.prod(shape):
+                raise DamagedMember(f"safetensors header: {name} at bytes {begin}-{stop} of the data, not where "
+                                    f"its shape {list(shape)} puts it")
+            out[name], end = (dtype, shape), stop
+    except (zlib.error, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise DamagedMember(f"safetensors header unreadable ({type(e).__name__}: {e})") from None
+    if len(header) != length or int.from_bytes(data[-4:], "little") != (8 + length + end) % 2**32:
+        raise DamagedMember(f"safetensors header and data of {8 + length + end} bytes, the gzip trailer records "
+                            f"{int.from_bytes(data[-4:], 'little')} (mod 2**32)")
+    return out
+
+
+def _inflate_first(data: bytes, size: int) -> bytes:
+    """The first `size` bytes of the gzip stream `data` inflated (fewer where it ends first), inflating no more."""
+    inflater = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer around the deflate stream
+    out, fed, pending = b"", 0, b""
+    # fed a few KB at a time: given all of `data`, zlib would copy the unread rest into `unconsumed_tail`, a
+    # copy of the whole member that costs more than the CRC over it
+    while len(out) < size and not inflater.eof:
+        if not pending:
+            if fed >= len(data):
+                break
+            pending, fed = data[fed:fed + INFLATE_STEP], fed + INFLATE_STEP
+        out += inflater.decompress(pending, size - len(out))
+        pending = inflater.unconsumed_tail
+    return out
+
+
+INFLATE_STEP = 4096
+"""Bytes of a member `tensor_header` feeds the inflater at a time: a header a few hundred bytes long compresses
+into the first of them."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # shards
 
 
 @dataclass(frozen=True)
 class Location:
-    """Where one member's bytes lie: shard path relative to the store, byte offset of the data, size."""
+    """Where one member's bytes lie: shard path relative to the store, byte offset of the data, size; and the
+    CRC-32 of those bytes (`stored_crc`), where it was recorded (None from `scan_shard`, which reads no data)."""
 
     shard: str
     offset: int
     size: int
+    crc: int | None = None
 
 
 SHARD_MAX_BYTES = 1 << 30
@@ -277,7 +357,7 @@ class ShardWriter:
             header = len(info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors))
             offset = self._tar.offset + header  # addfile works on a copy of info: compute where data lands
             self._tar.addfile(info, io.BytesIO(data))
-            out[member] = Location(self.current_shard, offset, len(data))
+            out[member] = Location(self.current_shard, offset, len(data), stored_crc(data))
         self._items += 1
         if self._items >= self.max_items or self._tar.offset >= self.max_bytes:
             self.close()
@@ -478,7 +558,14 @@ def _read_index_table(store: Path, columns: Sequence[str] | None) -> pa.Table | 
     try:
         # ParquetFile, not pq.read_table, and a cast only when needed: importing pyarrow.dataset and
         # pyarrow.compute costs a trainer several MB of memory and a second of start-up
-        table = pq.ParquetFile(path).read(columns=schema.names)
+        table = pq.ParquetFile(path).read(columns=schema.names)  # reads the columns the file has, of these
+        for name in schema.names:
+            if name in table.column_names:
+                continue
+            if name not in CRC_COLUMNS:
+                raise CogtuneError(f"{path}: unreadable index (no column {name})")
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+        table = table.select(schema.names)
         return table if table.schema.equals(schema) else table.cast(schema)
     except (pa.ArrowInvalid, OSError) as e:
         raise CogtuneError(f"{path}: unreadable index ({e})") from None
@@ -529,6 +616,11 @@ def read_index_row(store: Path, i: int, columns: Sequence[str]) -> dict[str, Any
 SAMPLE_COLUMNS = ("shard", "latent_offset", "latent_size", "image_offset", "image_size", "text_shard",
                   "text_offset", "text_size")
 """The index columns `read_sample` reads."""
+CRC_COLUMNS = ("latent_crc", "image_crc", "text_crc")
+"""The CRC-32s of the members' stored bytes: what `cogprep verify` compares; an index written before them lacks
+them, and reads as if they were null."""
+LOCATION_COLUMNS = (*SAMPLE_COLUMNS, *CRC_COLUMNS)
+"""Every index column `row_locations` reads and `location_columns` writes."""
 
 
 class IndexColumns:
@@ -606,11 +698,12 @@ def check_shards(store: Path, index: IndexColumns) -> None:
 
 
 def row_locations(row: dict[str, Any]) -> tuple[dict[str, Location], Location]:
-    """Where an index row's cached members lie: ({LATENT: ..., IMAGE: ... for I2V}, the TEXT member)."""
-    video = {LATENT: Location(row["shard"], row["latent_offset"], row["latent_size"])}
+    """Where an index row's cached members lie: ({LATENT: ..., IMAGE: ... for I2V}, the TEXT member). A row
+    without the `CRC_COLUMNS` (the trainer reads only `SAMPLE_COLUMNS`) gives Locations without CRCs."""
+    video = {LATENT: Location(row["shard"], row["latent_offset"], row["latent_size"], row.get("latent_crc"))}
     if row["image_offset"] >= 0:
-        video[IMAGE] = Location(row["shard"], row["image_offset"], row["image_size"])
-    return video, Location(row["text_shard"], row["text_offset"], row["text_size"])
+        video[IMAGE] = Location(row["shard"], row["image_offset"], row["image_size"], row.get("image_crc"))
+    return video, Location(row["text_shard"], row["text_offset"], row["text_size"], row.get("text_crc"))
 
 
 MEMBER_COLUMNS = (("shard", "latent_offset", "latent_size"), ("shard", "image_offset", "image_size"),
@@ -650,11 +743,14 @@ def location_columns(video: dict[str, Location], text: Location) -> dict[str, An
         "shard": latent.shard,
         "latent_offset": latent.offset,
         "latent_size": latent.size,
+        "latent_crc": latent.crc,
         "image_offset": image.offset if image else -1,
         "image_size": image.size if image else 0,
+        "image_crc": image.crc if image else None,
         "text_shard": text.shard,
         "text_offset": text.offset,
         "text_size": text.size,
+        "text_crc": text.crc,
     }
 
 

@@ -101,9 +101,37 @@ def test_gc_after_edits_reclaims_dead_items_and_keeps_content(edited, tiny_model
     assert sorted(streamed) == sorted(_live_keys(store))  # every live item once, nothing dead
 
     assert "reclaimed 0 (0 B)" in cogprep("gc", store).output
+    _assert_verified_by_crc_alone(store)  # the relocated members carry the CRCs recorded when they were written
     encode_9_frames(dataset, tiny_models["5b"], store)  # the relocated items are reused as they are
     assert report(store)["encoded"] == {"videos": 0, "texts": 0}
     assert_same_content(store_content(store), content)
+    _assert_verified_by_crc_alone(store)
+
+
+def _assert_verified_by_crc_alone(store):
+    """Every member of `store` has a CRC in the index, and verify finds every one of them whole by it."""
+    assert all(r[c] is not None for r in S.read_index(store) for c in ("latent_crc", "text_crc"))
+    out = cogprep("verify", store, "--no-progress").output
+    assert "0 damaged samples" in out and "inflated" not in out
+
+
+def test_damage_before_gc_is_still_found_after_it(edited, tmp_path):
+    """gc copies a live item's bytes as they are, damage included, and its recorded CRC with them: the copy
+    cannot vouch for the damage."""
+    store = shutil.copytree(edited[1], tmp_path / "store")
+    moving = {u.shard for u in G.plan_gc(store).rewrite}
+    row = next(r for r in S.read_index(store) if r["shard"] in moving)
+    with open(store / row["shard"], "r+b") as f:
+        f.seek(row["latent_offset"] + row["latent_size"] - 50)
+        flipped = bytes(b ^ 0xFF for b in f.read(4))
+        f.seek(row["latent_offset"] + row["latent_size"] - 50)
+        f.write(flipped)
+    cogprep("gc", store)
+    moved = next(r for r in S.read_index(store) if r["key"] == row["key"])
+    assert moved["shard"] != row["shard"] and moved["latent_crc"] == row["latent_crc"]
+    out = cogprep("verify", store, "--no-progress", expect=1).output
+    assert f"{store / moved['shard']} at byte {moved['latent_offset']}: stored bytes changed since they were " \
+           f"written (CRC-32 " in out
 
 
 @pytest.fixture

@@ -1,8 +1,13 @@
 """The store format: shards written atomically, random access through locations equals WebDataset streaming."""
 
+import dataclasses
 import gzip
 import json
+import zlib
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 import webdataset as wds
 from cogtune.shared import store as S
@@ -57,7 +62,54 @@ def test_scan_shard_finds_the_locations_add_returned(tmp_path):
     found = {}
     for shard in w.closed_shards:
         found.update(S.scan_shard(tmp_path, shard))
-    assert found == locs
+    # the same places; add also returns each member's CRC-32, which scan_shard cannot know without reading data
+    assert found == {key: {m: dataclasses.replace(loc, crc=None) for m, loc in members.items()}
+                     for key, members in locs.items()}
+    reader = S.ShardReader(tmp_path)
+    for members in locs.values():
+        for loc in members.values():
+            assert loc.crc == zlib.crc32(reader.read(loc.shard, loc.offset, loc.size))
+
+
+def test_tensor_header_reads_names_dtypes_and_shapes_without_inflating_the_data():
+    t = {"mean": torch.randn(16, 13, 30, 45).bfloat16(), "sigma": torch.rand(3)}
+    packed = S.tensors_to_bytes(t)
+    assert S.tensor_header(packed) == {"mean": ("bfloat16", (16, 13, 30, 45)), "sigma": ("float32", (3,))}
+    # the header lies in the stream's first bytes: garbage from the middle on does not reach it...
+    garbled = packed[:len(packed) // 2] + bytes(b ^ 0xFF for b in packed[len(packed) // 2:])
+    assert S.tensor_header(garbled[:-4] + packed[-4:])["mean"] == ("bfloat16", (16, 13, 30, 45))
+    # ... while a header that does not describe the data, or a garbled start, is refused
+    with pytest.raises(S.DamagedMember, match="gzip trailer records"):
+        S.tensor_header(S.tensors_to_bytes({"mean": t["mean"]})[:-4] + packed[-4:])
+    with pytest.raises(S.DamagedMember, match="safetensors header"):
+        S.tensor_header(packed[:12] + bytes(b ^ 0xFF for b in packed[12:40]) + packed[40:])
+
+
+def test_an_index_without_crc_columns_reads_them_as_null(tmp_path):
+    """A store written before the CRCs were recorded: its rows load, and their locations carry no CRC."""
+    rows = build_random_store(tmp_path, {"9x32x48": (3, 2)}, i2v=True)
+    path = tmp_path / S.INDEX
+    table = pq.read_table(path)
+    assert table.schema.field("latent_crc").type == pa.uint32()
+    pq.write_table(table.drop_columns(list(S.CRC_COLUMNS)), path)
+    read = S.read_index(tmp_path)
+    assert [{k: v for k, v in r.items() if k not in S.CRC_COLUMNS} for r in read] == \
+           [{k: v for k, v in r.items() if k not in S.CRC_COLUMNS} for r in rows]
+    assert all(r[c] is None for r in read for c in S.CRC_COLUMNS)
+    video, text = S.row_locations(read[0])
+    assert video[S.IMAGE].crc is None and text.crc is None
+    assert S.read_index_columns(tmp_path, ("key", "text_crc"))["text_crc"] == [None] * len(rows)
+
+
+def test_location_columns_and_row_locations_are_inverses(tmp_path):
+    _, _, locs = _write_items(tmp_path, n=2)
+    video = {S.LATENT: locs[f"{0:032x}"][S.LATENT], S.IMAGE: locs[f"{1:032x}"][S.LATENT]}
+    text = locs[f"{1:032x}"][S.META]
+    columns = S.location_columns(video, text)
+    assert set(columns) == set(S.LOCATION_COLUMNS)
+    assert S.row_locations(columns) == (video, text)
+    assert S.row_locations(S.location_columns({S.LATENT: video[S.LATENT]}, text)) == ({S.LATENT: video[S.LATENT]},
+                                                                                       text)
 
 
 def test_abort_leaves_no_shard(tmp_path):

@@ -1,0 +1,158 @@
+"""The columnar dataset reader and the staleness check built on it: the same answers as the per-entry reader and
+the full plan, with only the sources that differ planned, and a bounded memory per entry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cogtune.preprocess import plan as P
+from cogtune.preprocess.datasets import read_columns, read_dataset
+from cogtune.preprocess.staleness import current_by_columns, store_changes
+from cogtune.shared.video import read_frames
+from PIL import Image
+from prep_helpers import add_clip, read_lines, write_lines
+
+
+def _spy_plans(monkeypatch) -> list[int]:
+    """The number of entries each plan is given, from here on."""
+    sizes: list[int] = []
+    plan_encode = P.plan_encode
+
+    def counting(dataset, *args, **kwargs):
+        sizes.append(len(dataset.items))
+        return plan_encode(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(P, "plan_encode", counting)
+    return sizes
+
+
+def _answers(found) -> dict:
+    return {**found.changes, "unchanged": found.unchanged, "video_jobs": found.video_jobs,
+            "text_jobs": found.text_jobs, "bad": found.bad}
+
+
+def _full_plan(dataset: Path, store: Path) -> dict:
+    plan = P.plan_against_store(dataset, store)
+    return {**{kind: plan.changes[kind] for kind in ("new", "changed", "removed")},
+            "unchanged": len(plan.changes["unchanged"]), "video_jobs": len(plan.video_jobs),
+            "text_jobs": len(plan.text_jobs), "bad": len(plan.bad)}
+
+
+def _write_image(path: Path, frame: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(frame).save(path)
+
+
+@pytest.mark.slow
+def test_columns_and_the_full_plan_agree_on_every_kind_of_edit(demo_txt, demo_store, tmp_path, monkeypatch):
+    data = shutil.copytree(demo_txt, tmp_path / "data")  # copy2: the same mtimes, so the store is current for it
+    store = shutil.copytree(demo_store, tmp_path / "store")
+    videos, prompts = read_lines(data / "videos.txt"), read_lines(data / "prompts.txt")
+    assert current_by_columns(data, store) is not None
+    prompts[0] += " at dusk"  # a caption edit
+    # a clip replaced by another (new content, size and mtime), and one touched (same bytes, new mtime)
+    shutil.copyfile(data / videos[4], data / videos[1])
+    st = (data / videos[2]).stat()
+    os.utime(data / videos[2], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    # a removed line, a missing file, and an image (a 1-frame sample for this text-to-video model)
+    videos, prompts = videos[:3] + videos[4:], prompts[:3] + prompts[4:]
+    _write_image(data / "stills/first.png", read_frames(data / videos[0], [0])[0])
+    write_lines(data / "videos.txt", [*videos, "videos/missing.mp4", "stills/first.png"])
+    write_lines(data / "prompts.txt", [*prompts, "a clip that is not there", "a still of the first clip"])
+    add_clip(data, "extra.mp4", "a green square moving up over a black background")  # an added line
+
+    planned = _spy_plans(monkeypatch)
+    found = _answers(store_changes(data, store))
+    expected = _full_plan(data, store)
+    assert found == expected
+    assert expected["new"] == ["stills/first.png", "videos/extra.mp4"] and len(expected["removed"]) == 1
+    assert len(expected["changed"]) == 2 and expected["unchanged"] == 2 and expected["bad"] == 1
+    # caption edit, replaced, touched, image, added: planned; the one untouched clip was not
+    assert planned == [5, len(videos) + 2]
+
+
+@pytest.mark.slow
+def test_an_image_to_video_store_agrees_with_the_full_plan(train_dataset, i2v_train_store, tmp_path, monkeypatch):
+    data = shutil.copytree(train_dataset, tmp_path / "data")
+    store = shutil.copytree(i2v_train_store, tmp_path / "store")
+    videos, prompts = read_lines(data / "videos.txt"), read_lines(data / "prompts.txt")
+    # an image entry, which an image-to-video model skips (a bad item, no change), and an edited caption
+    _write_image(data / "stills/first.png", read_frames(data / videos[0], [0])[0])
+    write_lines(data / "videos.txt", [*videos, "stills/first.png"])
+    write_lines(data / "prompts.txt", [prompts[0] + " slowly", *prompts[1:], "a still"])
+    planned = _spy_plans(monkeypatch)
+    expected = _full_plan(data, store)
+    assert _answers(store_changes(data, store)) == expected
+    assert expected["changed"] == [videos[0]] and expected["bad"] == 1 and expected["unchanged"] == len(videos) - 1
+    assert planned == [len(videos) + 1, 1]
+    # first-frame images from images.txt: the index does not break out their hash, so every entry is planned
+    for i, video in enumerate(videos):
+        _write_image(data / f"first/{i}.png", read_frames(data / video, [0])[0])
+    write_lines(data / "images.txt", [f"first/{i}.png" for i in range(len(videos))] + [""])
+    planned.clear()
+    assert _answers(store_changes(data, store)) == _full_plan(data, store)
+    assert planned == [len(videos), len(videos)]
+
+
+def _listed_dataset(folder: Path, count: int) -> Path:
+    """`count` empty clips listed in a txt dataset, 500 per folder."""
+    names = [f"v/{i // 500}/{i}.mp4" for i in range(count)]
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    write_lines(folder / "videos.txt", names)
+    write_lines(folder / "prompts.txt", [f"a caption of clip number {i}" for i in range(count)])
+    return folder
+
+
+def _peak_bytes(read) -> int:
+    tracemalloc.start()
+    try:
+        kept = read()
+        return tracemalloc.get_traced_memory()[1], kept
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_columns_hold_a_bounded_memory_per_entry(tmp_path):
+    count = 4000
+    data = _listed_dataset(tmp_path / "data", count)
+    peak, columns = _peak_bytes(lambda: read_columns(data))
+    assert len(columns) == count and columns.size.dtype == np.int64
+    items_peak, dataset = _peak_bytes(lambda: read_dataset(data))
+    assert [i.source for i in dataset.items] == columns.source
+    # the lists of strings and two int64 arrays, and the file texts and their lines while they are split (about
+    # 500 bytes an entry here); a DatasetItem and its Path on top of that come to about 850
+    assert peak / count < 700, f"{peak / count:.0f} bytes per entry"
+    assert peak < 0.7 * items_peak, (peak, items_peak)
+
+
+def test_the_item_reader_is_the_columns_made_items(tmp_path):
+    data = _listed_dataset(tmp_path / "data", 3)
+    write_lines(data / "videos.txt", [*read_lines(data / "videos.txt"), "v/0/missing.mp4", "v/0/1.mp4"])
+    write_lines(data / "prompts.txt", [*read_lines(data / "prompts.txt"), "gone", "  the  same clip\tagain "])
+    columns, dataset = read_columns(data, id_token="TOK"), read_dataset(data, id_token="TOK")
+    assert [b.reason for b in columns.bad] == [b.reason for b in dataset.bad] == [
+        "videos.txt line 4: v/0/missing.mp4 not found"]
+    assert columns.caption[-1] == "TOK the same clip again" and columns.line == [1, 2, 3, 5]
+    assert [(i.source, str(i.path), i.caption, i.kind, i.line, i.stat.st_size, i.stat.st_mtime_ns)
+            for i in dataset.items] == [
+        (s, r, c, k, n, int(z), int(m)) for s, r, c, k, n, z, m in zip(
+            columns.source, columns.real, columns.caption, columns.kind, columns.line, columns.size,
+            columns.mtime_ns)]
+    assert str(dataset.items[0].path) == os.path.realpath(data / "v/0/0.mp4")
+
+
+def test_the_kind_of_an_entry_is_pathlibs_suffix_rule():
+    from cogtune.preprocess.datasets import _is_image
+    from cogtune.shared.video import is_image
+
+    written = ["a.mp4", "a.PNG", "d/x.png", "d.png/x", ".png", "d/.png", "a..png", "x.", "d/x.jpg/", "a/b/c", "",
+               ".", "..", "a/..", "a.b.jpeg", "/x.webp", "x/.y.png", "a.png.mp4", "~/.png"]
+    assert [_is_image(w) for w in written] == [is_image(w) for w in written]
+    assert sum(_is_image(w) for w in written) == 7
