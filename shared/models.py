@@ -125,8 +125,10 @@ class Model:
     def load_text_encoder(self, dtype: torch.dtype | str = "float32", device: torch.device | str | None = None):
         from transformers import T5EncoderModel
 
+        # use_kernels=False: transformers 5.25 swaps layers for kernels fetched from the Hub by default (a network
+        # call, refused on the meta device); the embeddings cached are those of T5's own code, on any version
         return T5EncoderModel.from_pretrained(
-            self.path, subfolder="text_encoder", dtype=parse_dtype(dtype), **_device_map(device)
+            self.path, subfolder="text_encoder", dtype=parse_dtype(dtype), use_kernels=False, **_device_map(device)
         ).eval()
 
     def load_tokenizer(self):
