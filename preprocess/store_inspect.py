@@ -21,7 +21,7 @@ from ..shared import store as S
 from ..shared.atomic import atomic_path
 from ..shared.disk import human_bytes
 from ..shared.errors import CogtuneError
-from ..shared.fingerprint import FileHashes
+from ..shared.fingerprint import model_file_hashes
 from ..shared.models import open_model
 from .plan import CACHE_DIR
 from .store_gc import plan_gc
@@ -196,7 +196,7 @@ def write_preview(store: Path, manifest: S.Manifest, rows: list[dict[str, Any]],
     if not shown:
         raise CogtuneError(f"{Path(store) / S.INDEX}: no samples to preview")
     m = open_model(model or manifest.model["source"], ("vae",))
-    hashes = FileHashes(Path(store) / CACHE_DIR / "files.json")
+    hashes = model_file_hashes(Path(store) / CACHE_DIR)
     if m.fingerprint(("vae",), hashes)["vae"] != manifest.model.get("fingerprints", {}).get("vae"):
         log.warning("%s is not the VAE the store was encoded with: the preview will not show the videos",
                     m.path / "vae")

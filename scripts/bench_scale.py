@@ -145,12 +145,14 @@ def build_scaled(seed_data: Path, seed_store: Path, data: Path, store: Path, n: 
     """`n` entries linking to the seed's clips, each seen as a distinct clip (see the module's docstring)."""
     from cogtune.preprocess.plan import plan_against_store
     from cogtune.shared import store as S
+    from cogtune.shared.fingerprint import FILES_CACHE
 
     originals = [(seed_data / line).resolve() for line in (seed_data / "videos.txt").read_text().split()]
     seed_rows = S.read_index(seed_store)
     by_source = {(seed_data / r["source"]).resolve(): r for r in seed_rows}
     probes = json.loads((seed_store / S.CACHE_DIR / "probe.json").read_text())
-    seed_hashes = json.loads((seed_store / S.CACHE_DIR / "files.json").read_text())
+    # the seed's dataset hashes (the model's are in MODEL_FILES_CACHE, copied with the store as they are)
+    seed_hashes = json.loads((seed_store / S.CACHE_DIR / FILES_CACHE).read_text())
     shutil.copytree(seed_store, store)
     names, files, probe, origin, origin_stat = [], {}, {}, {}, {}
     for i in range(n):
@@ -174,7 +176,7 @@ def build_scaled(seed_data: Path, seed_store: Path, data: Path, store: Path, n: 
         names.append(name)
     (data / "videos.txt").write_text("".join(f"{x}\n" for x in names))
     (data / "prompts.txt").write_text("".join(f"a square moving up, take {i}\n" for i in range(n)))
-    (store / S.CACHE_DIR / "files.json").write_text(json.dumps(files))
+    (store / S.CACHE_DIR / FILES_CACHE).write_text(json.dumps(files))
     (store / S.CACHE_DIR / "probe.json").write_text(json.dumps(probe))
     del files, probe
     S.write_index(store, [])  # what the planner compares with: nothing yet, every entry is new

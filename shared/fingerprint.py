@@ -1,7 +1,13 @@
 """Content fingerprints: of files, of folders of model weights, and of arbitrary JSON-able settings.
 
 A file's content hash is remembered by (real path, size, mtime_ns) in a small JSON cache, so an unchanged
-file is recognised without being read again; ``rehash=True`` re-reads it anyway. Hashes are sha256, shortened
+file is recognised without being read again; ``rehash=True`` re-reads it anyway.
+
+A store's cache folder (`shared.store.CACHE_DIR`) holds two such caches: `FILES_CACHE`, the dataset's files (a
+million entries for a million clips), and `MODEL_FILES_CACHE`, the model components' files (a few dozen), so that
+fingerprinting the model (`cogprep status`, encode, inspect's preview) never parses the dataset's. Stores written
+before the split keep their model files' hashes in `FILES_CACHE`: `model_file_hashes` falls back to it for a file
+its own cache lacks, and keeps what it found there. Hashes are sha256, shortened
 to 32 hex characters (128 bits) where they become keys. `weights_identity` is the cheap counterpart for model
 weights: a few MB read per folder, whatever its size.
 """
@@ -19,11 +25,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .atomic import atomic_write_text
 from .errors import CogtuneError
 
 KEY_HEX = 32
 _CHUNK = 1 << 20
+FILES_CACHE = "files.json"
+"""The dataset files' hashes, in a store's cache folder."""
+MODEL_FILES_CACHE = "model-files.json"
+"""The model components' files' hashes, in a store's cache folder (see the module doc)."""
 
 
 def hash_json(obj: Any) -> str:
@@ -94,6 +106,28 @@ class Resolver:
         real = os.path.realpath(path)
         return real, os.stat(real)
 
+    def stat_files(self, paths: Iterable[str], count: int) -> tuple[list[str | None], np.ndarray, np.ndarray]:
+        """(real paths, int64 sizes, int64 mtime_ns) of the `count` `paths`, as `stat` gives them, where a path
+        names a regular file by a name other than "." and ".." and is no symbolic link (a dataset's common entry),
+        in one loop; a real path of None (size and mtime 0) for any other path (a link, a folder, a missing file),
+        which `stat` answers one by one. No stat result is kept: a million of them would hold 200 MB."""
+        folders, lstat, is_regular = self._folders, os.lstat, _stat.S_ISREG
+        reals: list[str | None] = [None] * count
+        sizes, mtimes = np.zeros(count, np.int64), np.zeros(count, np.int64)
+        for index, path in enumerate(paths):
+            folder, slash, name = path.rpartition("/")
+            real_folder = folders.get(folder)
+            if real_folder is None:
+                real_folder = folders[folder] = os.path.realpath(folder or ("/" if slash else "."))
+            real = f"{real_folder}/{name}" if real_folder != "/" else f"/{name}"
+            try:
+                st = lstat(real)
+            except OSError:
+                continue
+            if is_regular(st.st_mode) and name not in ("", ".", ".."):
+                reals[index], sizes[index], mtimes[index] = real, st.st_size, st.st_mtime_ns
+        return reals, sizes, mtimes
+
     def as_path(self, real: str) -> Path:
         """`Path(real)` for a real path `stat` gave, without pathlib parsing it again: its folder's parts are
         parsed once (pathlib's parse is most of the cost of a Path, 5 us; a dataset makes one per entry)."""
@@ -116,18 +150,16 @@ class FileHashes:
     name + ``.journal``, one JSON line per hash) is read back with the cache and folded into it by `save`.
     """
 
-    def __init__(self, cache_path: Path | None = None, rehash: bool = False):
+    def __init__(self, cache_path: Path | None = None, rehash: bool = False, fallback: Path | None = None):
+        """`fallback`: another cache, read (once, on the first file this one cannot vouch for) for what this one
+        lacks; a hash found there is copied in, and written with this cache."""
         self.cache_path = cache_path
         self.rehash = rehash
-        self.entries: dict[str, list] = {}
+        self.entries: dict[str, list] = _read_cache(cache_path)
         self.stats = {"hashed": 0, "trusted": 0}
         self._dirty = False
         self.resolver = Resolver()
-        if cache_path is not None and cache_path.exists():
-            try:
-                self.entries = json.loads(cache_path.read_text())
-            except (OSError, ValueError):
-                self.entries = {}  # a broken cache only costs re-hashing
+        self._fallback, self._fallback_entries = fallback, None
         if cache_path is not None:
             self._replay_journal()
 
@@ -185,8 +217,21 @@ class FileHashes:
                 journal_file.close()
 
     def _trusted(self, real: str, st: os.stat_result) -> bool:
+        if self.rehash:
+            return False
         hit = self.entries.get(real)
-        return not self.rehash and hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns
+        if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return True
+        if self._fallback is None:
+            return False
+        if self._fallback_entries is None:
+            self._fallback_entries = _read_cache(self._fallback)
+        hit = self._fallback_entries.get(real)
+        if hit is None or hit[0] != st.st_size or hit[1] != st.st_mtime_ns:
+            return False
+        self.entries[real] = hit
+        self._dirty = True
+        return True
 
     def _record(self, real: str, st: os.stat_result, digest: str) -> None:
         self.entries[real] = [st.st_size, st.st_mtime_ns, digest]
@@ -219,6 +264,26 @@ class FileHashes:
             atomic_write_text(self.cache_path, json.dumps(self.entries))
             self._dirty = False
             self.journal_path.unlink(missing_ok=True)
+
+
+def _read_cache(path: Path | None) -> dict[str, list]:
+    """A hash cache's entries; none where it is absent or broken (a broken cache only costs re-hashing)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def model_file_hashes(cache_dir: Path, rehash: bool = False) -> FileHashes:
+    """The hashes of the model components' files in a store's cache folder `cache_dir` (see the module doc)."""
+    return FileHashes(cache_dir / MODEL_FILES_CACHE, rehash=rehash, fallback=cache_dir / FILES_CACHE)
+
+
+def dataset_file_hashes(cache_dir: Path, rehash: bool = False) -> FileHashes:
+    """The hashes of the dataset's files in a store's cache folder `cache_dir` (see the module doc)."""
+    return FileHashes(cache_dir / FILES_CACHE, rehash=rehash)
 
 
 class _Journal:

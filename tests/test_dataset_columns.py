@@ -3,6 +3,7 @@ the full plan, with only the sources that differ planned, and a bounded memory p
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tracemalloc
@@ -149,10 +150,88 @@ def test_the_item_reader_is_the_columns_made_items(tmp_path):
 
 
 def test_the_kind_of_an_entry_is_pathlibs_suffix_rule():
-    from cogtune.preprocess.datasets import _is_image
+    from cogtune.preprocess.datasets import _is_image, _kinds
     from cogtune.shared.video import is_image
 
     written = ["a.mp4", "a.PNG", "d/x.png", "d.png/x", ".png", "d/.png", "a..png", "x.", "d/x.jpg/", "a/b/c", "",
-               ".", "..", "a/..", "a.b.jpeg", "/x.webp", "x/.y.png", "a.png.mp4", "~/.png"]
+               ".", "..", "a/..", "a.b.jpeg", "/x.webp", "x/.y.png", "a.png.mp4", "~/.png", "p", "png", "d/x.",
+               "x.png/.", "1.png", "2.png", "1.mp4"]
     assert [_is_image(w) for w in written] == [is_image(w) for w in written]
-    assert sum(_is_image(w) for w in written) == 7
+    assert sum(_is_image(w) for w in written) == 10
+    # the column of kinds: decided once per tail, each the same as for the entry alone
+    assert _kinds(written) == ["image" if is_image(w) else "video" for w in written]
+
+
+def test_status_fingerprints_the_model_from_its_own_small_cache(demo_txt, demo_store, tiny_models, tmp_path,
+                                                                monkeypatch):
+    """The model's file hashes live in their own cache: status on a current store never parses the dataset's
+    (a million entries at scale); a store from before the split falls back to the dataset's cache once, trusting
+    the same (size, mtime), and keeps what it found."""
+    from cogtune.shared import fingerprint as F
+    from cogtune.shared import store as S
+    from prep_helpers import cogprep
+
+    store = shutil.copytree(demo_store, tmp_path / "store")
+    cache = store / S.CACHE_DIR
+    model_files = json.loads((cache / F.MODEL_FILES_CACHE).read_text())
+    dataset_files = json.loads((cache / F.FILES_CACHE).read_text())
+    model = str(tiny_models["5b"].resolve())
+    assert model_files and all(path.startswith(model + "/") for path in model_files)
+    assert dataset_files and not any(path.startswith(model + "/") for path in dataset_files)
+    read: list[str] = []
+    read_cache = F._read_cache
+    monkeypatch.setattr(F, "_read_cache", lambda path: read.append(path.name) or read_cache(path))
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} hashed: its cached hash was not trusted")
+
+    monkeypatch.setattr(F, "hash_bytes_of_file", no_hashing)
+    assert "store is current" in cogprep("status", demo_txt, "--store", store).output
+    assert read == [F.MODEL_FILES_CACHE]
+    # a store written before the split: the model's hashes are in the dataset's cache
+    (cache / F.MODEL_FILES_CACHE).unlink()
+    (cache / F.FILES_CACHE).write_text(json.dumps({**dataset_files, **model_files}))
+    read.clear()
+    assert "store is current" in cogprep("status", demo_txt, "--store", store).output
+    assert read == [F.MODEL_FILES_CACHE, F.FILES_CACHE]
+    assert json.loads((cache / F.MODEL_FILES_CACHE).read_text()) == model_files
+    read.clear()
+    assert "store is current" in cogprep("status", demo_txt, "--store", store).output
+    assert read == [F.MODEL_FILES_CACHE]
+
+
+def test_the_columns_take_only_entries_the_rules_find_no_problem_with(tmp_path):
+    """The reader takes the common entry as one stat finds it and judges the rest one by one
+    (`_entry_problem`): each entry, of every kind either way may meet, gets the rules' own answer."""
+    from cogtune.preprocess.datasets import _entry_problem, _kinds
+    from cogtune.shared.fingerprint import Resolver
+
+    data = tmp_path / "data"
+    (data / "v").mkdir(parents=True)
+    for name in ("a.mp4", "b.mp4", "é.mp4", "still.png"):
+        (data / "v" / name).write_bytes(name.encode() * 10)
+    (data / "link.mp4").symlink_to(data / "v" / "a.mp4")
+    (data / "linked").symlink_to(data / "v")
+    (data / "folder.mp4").mkdir()
+    (data / "~home.mp4").write_bytes(b"x")
+    entries = [(b"v/a.mp4", b"a clip"), (b"link.mp4", b"a link"), (b"linked/b.mp4", b"through a linked folder"),
+               (b"folder.mp4", b"a folder"), (b"v/missing.mp4", b"gone"), (b"v/b.mp4", b"   "),
+               (b"~home.mp4", b"a tilde"), (b"v/a.mp4", b"bad \xff bytes"), (b"v/\xff.mp4", b"a bad path"),
+               ("v/é.mp4".encode(), "un café".encode()), (str(data / "v/b.mp4").encode(), b"absolute"),
+               (b"./v/../v/b.mp4", b"dots"), (b"v/still.png", b"  a  still\t"), (b"v/", b"a slash"), (b"", b"none")]
+    (data / "videos.txt").write_bytes(b"".join(path + b"\n" for path, _ in entries))
+    (data / "prompts.txt").write_bytes(b"".join(caption + b"\n" for _, caption in entries))
+    columns = read_columns(data)
+    sources = [path.decode("utf-8", "surrogateescape").strip() for path, _ in entries]
+    captions = [" ".join(caption.decode("utf-8", "surrogateescape").split()) for _, caption in entries]
+    usable, reasons = [], []
+    for line, (source, caption, kind) in enumerate(zip(sources, captions, _kinds(sources)), 1):
+        real, problem, st = _entry_problem(str(data), source, caption, kind, None, Resolver())
+        if problem is None:
+            usable.append((source, real, kind, st.st_size, line))
+        else:
+            reasons.append(f"videos.txt line {line}: {problem}")
+    assert list(zip(columns.source, columns.real, columns.kind, columns.size.tolist(), columns.line)) == usable
+    assert [bad.reason for bad in columns.bad] == reasons
+    assert len(usable) == 8 and columns.real[1] == str(data / "v" / "a.mp4")
+    assert columns.kind[-1] == "image" and columns.caption[-1] == "a still"
