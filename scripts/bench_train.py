@@ -71,6 +71,7 @@ from cogtune.train.checks import check_run
 from cogtune.train.compile import compile_blocks
 from cogtune.train.config import TrainConfig
 from cogtune.train.math import TrainBatch, ofs_tensor, padded_frame_count, rotary_embeddings, training_step
+from cogtune.train.optimizer_sharding import OptimizerSharding, assign_owners
 from cogtune.train.sequence_parallel import Layout, SequenceParallel, check_degree
 from cogtune.train.trainer import (
     CUDA_ALLOCATOR,
@@ -205,6 +206,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="with --dry-run: count one rank of a sequence-parallel group of N (cogtrain "
                              "--sp-degree N), the one holding the last chunk; a list (1,2,4,8) counts each and "
                              "prints a table against the first (default 1)")
+    parser.add_argument("--shard-optimizer", action="store_true",
+                        help="with --dry-run: cogtrain --shard-optimizer over the N processes of --sp-degree N, "
+                             "counted for the process that owns the most (default: DDP's whole gradients)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -336,7 +340,7 @@ def train_config(args: argparse.Namespace, model: Path, store: Path, out: Path) 
         max_steps=args.warmup + args.steps, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, offload_checkpoints=args.offload_checkpoints,
         caption_dropout=args.caption_dropout, seed=args.seed, optimizer=args.optimizer,
-        base_weights=args.base_weights, compile=args.compile,
+        base_weights=args.base_weights, compile=args.compile, shard_optimizer=args.shard_optimizer,
         report_to="none", progress=False, device=args.device,
     )
 
@@ -623,8 +627,10 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                              vae_scaling_factor=vae_config["scaling_factor"],
                              invert_scale_latents=bool(vae_config.get("invert_scale_latents", False)))
 
-    # a launch of N > 1 processes is DDP's: its gradient buckets are held from before the first step
-    buckets = [ddp_gradient_buckets(trained)] if args.sp_degree > 1 else []
+    sharding = heaviest_shard(optimizer, args.sp_degree) if args.shard_optimizer else None
+    # a launch of N > 1 processes without --shard-optimizer is DDP's: its gradient buckets are held from before
+    # the first step
+    buckets = [ddp_gradient_buckets(trained)] if args.sp_degree > 1 and sharding is None else []
     memory = MetaMemory([*transformer.parameters(), *transformer.buffers(), *buckets])
     with memory, flash_attention_on_meta():
         for _ in range(2):  # the second step holds the optimizer state the first one made
@@ -634,6 +640,8 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 loss = forward(batch)
                 kept_for_backward = memory.live - before_forward
                 loss.backward()
+                if sharding is not None:
+                    sharding.finish_backward()
             with_grad = sum(p.numel() for p in trained if p.grad is not None)
             optimizer.step()
             # DDP's bucket views stay: set to None, they are views of the buckets again after the next backward
@@ -649,6 +657,7 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with flops, flash_attention_on_meta(), sequence.sharding():
         forward(meta_batch()).backward()
     trained_bytes = sum(p.numel() * p.element_size() for p in trained)
+    gradient_bytes = trained_bytes if sharding is None else sharding.owned_bytes
     weights_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
     patch_t = tc.get("patch_size_t") or 1
     video_tokens = padded_frame_count(frames, tc.get("patch_size_t")) // patch_t * (height // tc.patch_size) * (
@@ -667,10 +676,12 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "latents": list(latents),
         "tokens": video_tokens + tc.max_text_seq_length,
         "sp_degree": args.sp_degree,  # one degree here: main hands each of a list to its own dry_run
+        "shard_optimizer": args.shard_optimizer,
         "tokens_per_rank": Layout(tc.max_text_seq_length, video_tokens, args.sp_degree, args.sp_degree - 1).chunk,
         "model_flops_per_step": flops.get_total_flops(),
         "weights_bytes": weights_bytes,  # exact, for the tiny model whose GB figures round to 0
         "optimizer_state_bytes": optimizer_bytes,
+        "gradient_bytes": gradient_bytes,  # held after the backward: every trained weight's, or the owned ones
         "transformer_parameters": sum(p.numel() for n, p in transformer.named_parameters() if "lora_" not in n),
         "trained_parameters": sum(p.numel() for p in trained),
         "parameters_with_grad_after_backward": with_grad,
@@ -678,21 +689,30 @@ def dry_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "text_encoder_parameters": sum(p.numel() for p in text_encoder.parameters()),
         "static_memory_gb": {
             "weights_frozen_and_trained": round(weights_bytes / GB, 3),
-            "gradients": round(trained_bytes / GB, 3),
+            "gradients": round(gradient_bytes / GB, 3),
             "optimizer_states": round(optimizer_bytes / GB, 3),
-            "total_before_activations": round((weights_bytes + trained_bytes + optimizer_bytes) / GB, 3),
+            "total_before_activations": round((weights_bytes + gradient_bytes + optimizer_bytes) / GB, 3),
         },
         "meta_device_memory_gb": {
             "kept_by_the_forward_for_the_backward": round(kept_for_backward / GB, 3),
             "peak": round(memory.peak / GB, 3),
             "what_it_is": "every tensor the step's ops make, counted on the meta device with flash attention, "
                           "and at --sp-degree above 1 DDP's gradient buckets, held all along (the gradients are "
-                          "views of them); not counted: autocast (there is none on the meta device: its float32 "
+                          "views of them), or with --shard-optimizer the owned gradients and each other one until "
+                          "it is reduced; not counted: autocast (there is none on the meta device: its float32 "
                           "norm outputs are in the weights' dtype here, and a full fine-tune's activations are float32 where "
                           "autocast would make most bfloat16, and its bfloat16 weight copies are absent), the CUDA "
                           "allocator's rounding and caching (reserved is higher), the CUDA context",
         },
     }
+
+
+def heaviest_shard(optimizer: torch.optim.Optimizer, world: int) -> OptimizerSharding:
+    """cogtrain's sharding as the process of `world` that owns the most trained bytes sees it."""
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    owners = assign_owners([p.numel() for p in trained], world)
+    owned = [sum(p.numel() for p, owner in zip(trained, owners) if owner == rank) for rank in range(world)]
+    return OptimizerSharding(optimizer, owned.index(max(owned)), world)
 
 
 def ddp_gradient_buckets(trained: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -714,13 +734,16 @@ def ddp_gradient_buckets(trained: list[torch.nn.Parameter]) -> torch.Tensor:
 def print_sp_table(runs: list[dict[str, Any]]) -> None:
     """Per-rank figures of each --sp-degree, against the first degree's (the baseline of the same run)."""
     base = runs[0]["meta_device_memory_gb"]
-    print(f"{runs[0]['variant']} {runs[0]['mode']} {runs[0]['shape']}, {runs[0]['tokens']} tokens, per rank "
+    sharded = ", gradients and optimizer state sharded" if runs[0]["shard_optimizer"] else ""
+    print(f"{runs[0]['variant']} {runs[0]['mode']} {runs[0]['shape']}, {runs[0]['tokens']} tokens{sharded}, per rank "
           f"(meta-device count, GiB):")
-    print(f"{'SP':>3} {'tokens':>7} {'kept for backward':>18} {'x':>6} {'peak':>8} {'x':>6} {'TFLOP/step':>11}")
+    print(f"{'SP':>3} {'tokens':>7} {'kept for backward':>18} {'x':>6} {'grads':>6} {'optim':>6} {'peak':>8} {'x':>6}"
+          f" {'TFLOP/step':>11}")
     for run in runs:
-        memory = run["meta_device_memory_gb"]
+        memory, static = run["meta_device_memory_gb"], run["static_memory_gb"]
         print(f"{run['sp_degree']:>3} {run['tokens_per_rank']:>7} {memory['kept_by_the_forward_for_the_backward']:>18.3f}"
               f" {memory['kept_by_the_forward_for_the_backward'] / base['kept_by_the_forward_for_the_backward']:>6.3f}"
+              f" {static['gradients']:>6.2f} {static['optimizer_states']:>6.2f}"
               f" {memory['peak']:>8.3f} {memory['peak'] / base['peak']:>6.3f}"
               f" {run['model_flops_per_step'] / 1e12:>11.1f}")
 

@@ -18,8 +18,7 @@ import torch
 from cogtune.shared.errors import CogtuneError
 from cogtune.train.sequence_parallel import Layout, SequenceParallel, check_degree, valid_degrees
 from prep_helpers import encode
-from safetensors.torch import load_file
-from train_helpers import LAUNCH_ENV, cogtrain, cogtrain_command, free_port, launch, losses
+from train_helpers import LAUNCH_ENV, assert_close_runs, cogtrain, cogtrain_command, free_port, launch
 
 WORKER = Path(__file__).with_name("sp_worker.py")
 LORA = "pytorch_lora_weights.safetensors"
@@ -120,22 +119,6 @@ def test_the_split_transformer_gives_the_whole_ones_output_and_gradients(tmp_pat
         # gradients summed over the group against the single process's: float32 summation order only
         assert result["grad"] <= 1e-5 * result["grad_scale"]
         assert result["grads_missing"] == []
-
-
-def assert_close_runs(run: Path, reference: Path, weights: str) -> None:
-    mine, theirs = losses(run), losses(reference)
-    assert sorted(mine) == sorted(theirs)
-    for step in mine:
-        assert mine[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-7), f"step {step}"
-    first, second = load_file(run / weights), load_file(reference / weights)
-    assert first.keys() == second.keys()
-    changed = 0
-    for name in first:
-        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-6, msg=name)
-        changed += 1
-    assert changed
-    summary = json.loads((run / "summary.json").read_text())
-    assert len(set(summary["trained_weights_sha256_per_rank"])) == 1  # every rank ends with the same weights
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from cogtune.train import cli as train_cli
 from safetensors.torch import load_file
@@ -81,3 +82,21 @@ def scheduled_lrs(name: str, learning_rate: float, warmup: int, steps: int) -> l
 
 def logged_lrs(run: Path) -> list[float]:
     return [json.loads(line)["lr"] for line in (run / "losses.jsonl").read_text().splitlines()]
+
+
+def assert_close_runs(run: Path, reference: Path, weights: str) -> None:
+    """Two runs trained alike: the same steps, losses within float32 summation order, the same weights (all
+    changed), and every rank of `run` ending with the same weights."""
+    mine, theirs = losses(run), losses(reference)
+    assert sorted(mine) == sorted(theirs)
+    for step in mine:
+        assert mine[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-7), f"step {step}"
+    first, second = load_file(run / weights), load_file(reference / weights)
+    assert first.keys() == second.keys()
+    changed = 0
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-4, atol=1e-6, msg=name)
+        changed += 1
+    assert changed
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(set(summary["trained_weights_sha256_per_rank"])) == 1  # every rank ends with the same weights

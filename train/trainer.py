@@ -44,6 +44,7 @@ import torch
 
 from ..shared import store as S
 from ..shared.atomic import atomic_write_text
+from ..shared.errors import CogtuneError
 from ..shared.log import MAIN_ONLY
 from ..shared.models import Model
 from ..shared.provenance import software_versions
@@ -53,6 +54,7 @@ from .config import TrainConfig
 from .data import BucketBatchSampler, StoreDataset, StoreLoader
 from .evaluation import Evaluator, holdout_rows
 from .math import TrainBatch, drop_captions, drop_images, training_step
+from .optimizer_sharding import OptimizerSharding
 from .plots import PLOT, write_loss_plot
 from .preemption import Preempted, StopSignals
 from .progress import RunProgress, start_banner, wants_bar
@@ -226,7 +228,7 @@ class Stepper:
     config: TrainConfig
     accelerator: Any
     model: torch.nn.Module
-    """The transformer as accelerate prepared it (DDP-wrapped under data parallelism)."""
+    """The transformer as accelerate prepared it (DDP-wrapped under data parallelism without --shard-optimizer)."""
     optimizer: Any
     lr_scheduler: Any
     noise_scheduler: Any
@@ -241,6 +243,8 @@ class Stepper:
     """With --compile, the `train.compile.CompileCounter` of the transformer's blocks."""
     sequence: SequenceParallel | None = None
     """This rank's sequence-parallel group (--sp-degree): its ranks share each batch. None: one rank per batch."""
+    sharding: OptimizerSharding | None = None
+    """With --shard-optimizer, what reduces the gradients in place of DDP, and clips them."""
 
     def __post_init__(self) -> None:
         # listed once: walking every parameter of a 5B model each step costs time for nothing
@@ -282,8 +286,10 @@ class Stepper:
                                      invert_scale_latents=bool(self.vae_config.get("invert_scale_latents", False)),
                                      generator=generator, transformer_config=self.transformer_config)
                 accelerator.backward(loss * self.sequence.loss_scale)
+                if self.sharding is not None:
+                    self.sharding.finish_backward()
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(self.trained, config.max_grad_norm or math.inf)
+                    grad_norm = self.clip_gradients(config.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -305,6 +311,27 @@ class Stepper:
         if device.type == "cuda":  # not on a CUDA machine told --device cpu
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         return metrics, position, totals[2].item() > 0
+
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` over all ranks' gradients; returns their norm before."""
+        if self.sharding is not None:
+            return self.sharding.clip_grad_norm_(max_norm)
+        return self.accelerator.clip_grad_norm_(self.trained, max_norm)
+
+
+def prepare_sharded(accelerator, transformer: torch.nn.Module, optimizer, lr_scheduler):
+    """--shard-optimizer: the model placed and autocast by accelerate but not wrapped in DDP (`evaluation_mode`
+    skips only the wrappers), since `OptimizerSharding` reduces its gradients; the optimizer and the schedule
+    prepared as usual. The hooks go on the bare optimizer, which accelerate's wrapper calls."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise CogtuneError("--shard-optimizer: plain data parallelism only; FSDP and DeepSpeed shard their own way")
+    model = accelerator.prepare_model(transformer, evaluation_mode=True)
+    sharding = OptimizerSharding(optimizer, accelerator.process_index, accelerator.num_processes)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    return model, optimizer, lr_scheduler, sharding
 
 
 def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Stepper, StoreLoader, int]:
@@ -335,7 +362,11 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
     # accelerate steps a prepared schedule once per process per optimizer step
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
-    model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    sharding = None
+    if config.shard_optimizer:
+        model, optimizer, lr_scheduler, sharding = prepare_sharded(accelerator, transformer, optimizer, lr_scheduler)
+    else:
+        model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     register_lora_checkpoint_hook(accelerator, config.mode)
     # float32 master weights for sft; for LoRA the frozen weights' dtype
     embed_dtype = WEIGHT_DTYPES[config.mixed_precision] if config.mode == "lora" else torch.float32
@@ -352,6 +383,7 @@ def prepare(config: TrainConfig, inputs: RunInputs, accelerator) -> tuple[Steppe
         embed_dtype=embed_dtype,
         compile_counter=compile_counter,
         sequence=sequence,
+        sharding=sharding,
     )
     return stepper, loader, max_steps
 
@@ -494,9 +526,9 @@ def validate(config: TrainConfig, accelerator, model: torch.nn.Module, model_inf
     """Validation videos written by rank 0, announced with their own `progress`. The generators are put back
     afterwards, so a run with validation trains exactly as one without.
 
-    With whole weights on every rank (one process, DDP) rank 0 generates alone and the others wait. With
-    sharded weights (FSDP, ZeRO-3) every forward pass gathers each layer from all ranks, a collective they must
-    all take part in, so every rank generates the same videos and rank 0 alone writes them.
+    With whole weights on every rank (one process, DDP, --shard-optimizer) rank 0 generates alone and the others
+    wait. With sharded weights (FSDP, ZeRO-3) every forward pass gathers each layer from all ranks, a collective
+    they must all take part in, so every rank generates the same videos and rank 0 alone writes them.
     """
     if accelerator.is_main_process or weights_are_sharded(accelerator):
         from .validation import run_validation
