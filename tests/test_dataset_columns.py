@@ -160,6 +160,9 @@ def test_the_kind_of_an_entry_is_pathlibs_suffix_rule():
     assert sum(_is_image(w) for w in written) == 10
     # the column of kinds: decided once per tail, each the same as for the entry alone
     assert _kinds(written) == ["image" if is_image(w) else "video" for w in written]
+    # no image suffix written anywhere: all videos at once; one written in any case, or in a non-ASCII list: by tail
+    for sources in (["a.mp4", "d/x.mov", "png", "d.pn/g", ""], ["a.mp4", "b.JPeG"], ["a.mp4", "é.png"]):
+        assert _kinds(sources) == ["image" if is_image(w) else "video" for w in sources]
 
 
 def test_status_fingerprints_the_model_from_its_own_small_cache(demo_txt, demo_store, tiny_models, tmp_path,
@@ -235,3 +238,37 @@ def test_the_columns_take_only_entries_the_rules_find_no_problem_with(tmp_path):
     assert [bad.reason for bad in columns.bad] == reasons
     assert len(usable) == 8 and columns.real[1] == str(data / "v" / "a.mp4")
     assert columns.kind[-1] == "image" and columns.caption[-1] == "a still"
+
+
+def test_the_sources_compared_by_code_are_exactly_the_anti_joins():
+    """`_unmatched_sources` compares each row with one row of the other table that has its source, and anti-joins
+    only the suspect sources: the same sources as the two full anti-joins, whatever the duplicates and nulls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from cogtune.preprocess.staleness import _unmatched, _unmatched_sources
+
+    rng = np.random.default_rng(0)
+
+    def table(rows: int) -> pa.Table:
+        def pick(values, nulls=0.0):
+            return [None if rng.random() < nulls else values[i] for i in rng.integers(0, len(values), rows)]
+
+        return pa.table({"source": pa.array(pick([f"v/{i}.mp4" for i in range(12)], 0.05), pa.string()),
+                         "caption": pa.array(pick(["a cat", "a dog", "a cat "], 0.05), pa.string()),
+                         "kind": pa.array(pick(["video", "image"]), pa.string()),
+                         "source_size": pa.array(pick([10, 11]), pa.int64()),
+                         "source_mtime_ns": pa.array(pick([5, 6], 0.05), pa.int64())})
+
+    def by_anti_joins(listed: pa.Table, index: pa.Table) -> set:
+        return set(_unmatched(listed, index)["source"].to_pylist() + _unmatched(index, listed)["source"].to_pylist())
+
+    found_some = found_none = 0
+    for rows, other_rows in [(0, 0), (0, 5), (5, 0), *[(int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+                                                          for _ in range(200)]]:
+        listed, index = table(rows), table(other_rows)
+        for a, b in ((listed, index), (listed, listed), (index, listed.slice(0, rows // 2))):
+            differing, distinct = _unmatched_sources(a, b)
+            assert set(differing.to_pylist()) == by_anti_joins(a, b)
+            assert distinct == pc.count_distinct(b["source"]).as_py()
+            found_some, found_none = found_some + bool(len(differing)), found_none + (not len(differing))
+    assert found_some > 100 and found_none > 20  # both answers were met, many times

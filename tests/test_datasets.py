@@ -208,3 +208,22 @@ def test_detection_and_override(tmp_path):
         detect_layout(tmp_path, "json")
     with pytest.raises(CogtuneError, match="dataset not found"):
         detect_layout(tmp_path / "nowhere")
+
+
+def test_whitespace_rules_by_the_whole_column_are_the_per_text_rules():
+    """The reader strips paths and normalises captions by a few tests over the whole column where no text needs
+    it: every mix of spaces, other whitespace, the "|" it joins by, newlines and non-ASCII text gets what the
+    per-text rules give."""
+    import random
+
+    from cogtune.preprocess.datasets import _normalized, _stripped
+
+    pieces = ["a", " ", "|", "\t", "\n", "\x0b", "\x1c", "\xa0", "é", "\u3000", "  "]
+    rng, untouched = random.Random(0), 0
+    for _ in range(20_000):
+        texts = ["".join(rng.choices(pieces, k=rng.randint(0, 4))) for _ in range(rng.randint(0, 4))]
+        assert _stripped(texts) == [text.strip() for text in texts], texts
+        normalized = _normalized(texts)
+        assert normalized == [" ".join(text.split()) for text in texts], texts
+        untouched += normalized is texts
+    assert untouched > 500  # the fast path was taken, often

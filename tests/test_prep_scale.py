@@ -161,6 +161,7 @@ def test_bench_scale_smoke(tmp_path):
     start = run["trainer_start"]
     assert start["batches_per_epoch"] == 2000 and start["check_s"] > 0 and start["index_load_s"] > 0
     assert 0 < start["index_memory_mb"] <= start["index_and_sampler_memory_mb"]
+    assert start["check_read_columns_s"] > 0 and start["check_comparison_s"] > 0 and start["baseline_anti_joins_s"] > 0
     assert run["maintenance"]["inspect_s"] > 0 and run["maintenance"]["gc_dry_run_s"] > 0
     assert "a million clips: no-op re-run" in done.stdout and "cogtrain start" in done.stdout
 
