@@ -1,6 +1,7 @@
-"""Benchmark the no-op re-run at scale: `cogprep status` over 100,000 and 1,000,000 listed clips.
+"""Benchmark the no-op re-run at scale: `cogprep status` over 1,000 to 1,000,000 listed clips.
 
-    python scripts/bench_scale.py [--entries 100000 1000000] [--json-out bench.json] [--keep DIR]
+    python scripts/bench_scale.py [--entries 1000 10000 100000 1000000] [--edits-up-to 100000]
+                                  [--json-out bench.json] [--keep DIR]
 
 How the stores are built (encoding a million clips for real is out of reach on 2 cores): a real
 `cogprep encode` of 4 short clips with the tiny CogVideoX-5b gives a real store (shards, manifest, caches).
@@ -21,8 +22,15 @@ as rank 0 runs it (`preprocess.staleness.dataset_changes`, by columns where the 
 so a million batches), with the memory the index and the sampler hold (tracemalloc), and the check's parts apart
 (the dataset read into columns; the comparison with the index, and as its baseline the two anti-joins it
 replaced, on the same tables); and `cogprep inspect` and
-`cogprep gc --dry-run` on the store. CPU seconds are printed beside wall seconds: on a shared machine the wall
-time swings with the load, the CPU time much less. Prints a table with targets and PASS/FAIL, then the results
+`cogprep gc --dry-run` on the store. Then, up to --edits-up-to entries, one edit in the large store, on a copy
+of it (the kept store stays as built) and a mirror of the dataset (symlinks to its folders, so every real path,
+and so every file-hash cache entry, is the one it was): `cogprep encode` with nothing to do, after one caption
+edit, and after one clip replaced by a new one of other content, each checked to encode exactly that item (the
+store's report.json), against the no-op encode plus one item's encode (one new clip and caption into a new
+store; measured twice, the first paying the imports of the models' code, which the edits, after it, do not). CPU
+seconds are printed beside wall seconds: on a shared machine the wall time swings with the load,
+the CPU time much less. Prints a table with targets and PASS/FAIL, a second with each measure's CPU microseconds
+per entry as the dataset grows (a cost that grows faster than linear shows as a rising row), then the results
 as JSON.
 """
 
@@ -42,6 +50,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from bench_report import print_json
@@ -52,6 +61,12 @@ TARGETS = {100_000: {"in_process_s": 3.0, "process_s": 5.0},
            1_000_000: {"in_process_s": 20.0, "process_s": None, "peak_rss_gb": 2.0, "trainer_start_s": 10.0,
                        "index_memory_mb": 100.0, "maintenance_s": 10.0}}
 """Targets of issue 13; "maintenance_s" stands for its "in seconds" (inspect, gc, status on a million rows)."""
+EDITS_UP_TO = 100_000
+"""The edits are measured up to this many entries by default: `cogprep encode` plans every entry as Python objects
+(at a million its no-op encode passed 4.9 GB of RSS and was stopped unfinished), and each copies the store."""
+EDIT_TOLERANCE = 1.25
+"""An edit's encode passes at up to this many times (no-op encode + one item's encode), in CPU seconds: the
+reference is measured once, and a one-item encode's CPU time swung from 0.44 to 0.80 s between runs at load 2."""
 FULL_PLAN_UP_TO = 200_000
 """The trainer-start baseline, the full plan the staleness check ran before, is measured up to this many entries
 (a million take minutes and 2 GB)."""
@@ -61,28 +76,33 @@ LINKS_PER_COPY = 50_000
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entries", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--entries", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000],
+                        help="dataset sizes to build and measure (default 1000 10000 100000 1000000)")
+    parser.add_argument("--edits-up-to", type=int, default=EDITS_UP_TO,
+                        help=f"measure the no-op encode and one edit up to this many entries (default {EDITS_UP_TO})")
+    parser.add_argument("--json-out", type=Path, help="also write the results to this file (default: none)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep what is built there; a later run "
                         "with the same folder measures it again without rebuilding (default: a temporary folder)")
-    parser.add_argument("--measure", nargs=2, type=Path, metavar=("DATASET", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=3, type=Path, metavar=("DATASET", "STORE", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-edits", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
-        measure(*args.measure)
+        measure(*args.measure, edits=args.measure_edits)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        results = run(args.entries, work, reuse=args.keep is not None)
+        results = run(args.entries, work, reuse=args.keep is not None, edits_up_to=args.edits_up_to)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(results)
+    print_growth(results)
     print_json(results, args.json_out)
 
 
-def run(counts: list[int], work: Path, reuse: bool = False) -> dict:
+def run(counts: list[int], work: Path, reuse: bool = False, edits_up_to: int = EDITS_UP_TO) -> dict:
     """Build and measure each of `counts`; with `reuse` (--keep) what an earlier run built in `work` is measured
     again as it is, and what this run builds is kept."""
     started = time.time()
@@ -99,8 +119,9 @@ def run(counts: list[int], work: Path, reuse: bool = False) -> dict:
             built.touch()
         build_s = time.perf_counter() - t
         t = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--measure", str(data), str(store)], capture_output=True,
-                              text=True, check=False)
+        edits = ["--measure-edits"] if n <= edits_up_to else []
+        done = subprocess.run([sys.executable, __file__, "--measure", str(data), str(store), str(model), *edits],
+                              capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t
         if done.returncode != 0:
             raise SystemExit(f"measure {n}: exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
@@ -108,6 +129,7 @@ def run(counts: list[int], work: Path, reuse: bool = False) -> dict:
         # the new process as a user waits for it: everything but the floor measured after the command
         result["process_s"] = round(wall - result.pop("after_status_s"), 2)
         result.update({"entries": n, "build_s": round(build_s, 1), "targets": TARGETS.get(n, {})})
+        result["per_entry_cpu_us"] = per_entry_cpu_us(result)
         out["runs"].append(result)
         if not reuse:
             shutil.rmtree(data, ignore_errors=True)
@@ -204,7 +226,7 @@ def build_scaled(seed_data: Path, seed_store: Path, data: Path, store: Path, n: 
 # measuring (in a new process)
 
 
-def measure(data: Path, store: Path) -> None:
+def measure(data: Path, store: Path, model: Path, edits: bool) -> None:
     process_start = time.perf_counter()
     from cogtune.preprocess.cli import app
     from typer.testing import CliRunner
@@ -232,6 +254,8 @@ def measure(data: Path, store: Path) -> None:
                 "one_stat_per_entry_s": round(stat_s, 3), "one_stat_per_entry_cpu_s": round(stat_cpu_s, 3),
                 "status_over_stat_floor": round(status_s / stat_s, 1),
                 "trainer_start": measure_trainer_start(data, store), "maintenance": measure_maintenance(store)}
+    if edits:
+        measured["edits"] = measure_edits(data, store, model)
     # everything after the command, taken off the process's wall time by the parent
     measured["after_status_s"] = time.perf_counter() - after_status
     print(json.dumps(measured))
@@ -311,6 +335,93 @@ def measure_maintenance(store: Path) -> dict:
     return out
 
 
+def measure_edits(data: Path, store: Path, model: Path) -> dict:
+    """One edit in the large store (see the module's docstring), each encode checked to encode exactly that item;
+    on a copy of `store` and a mirror of `data` beside it, removed after."""
+    from bench_prep import write_list
+
+    work = store.parent / f"edits-{store.name}"
+    shutil.rmtree(work, ignore_errors=True)  # left by a run cut short
+    try:
+        # one item's encode: a dataset of one new clip and caption into a new store, twice: the first pays the
+        # imports of the VAE's and T5's code (once a process), the second is the reference, warm as the edits
+        one = work / "one"
+        replace_clip(data, one, "one.mp4", seed=2)
+        write_list(one / "videos.txt", ["one.mp4"])
+        write_list(one / "prompts.txt", ["a square moving up, one item"])
+        out = {f"one_item_encode{suffix}": timed_encode(one, work / f"one-store{suffix}", model, videos=1, texts=1,
+                                                        changed=0, new=1) for suffix in ("_cold", "")}
+        copy = shutil.copytree(store, work / "store")
+        mirror = mirror_dataset(data, work / "data")
+        out["noop_encode"] = timed_encode(mirror, copy, model, videos=0, texts=0, changed=0)
+        sources, prompts = read_list(mirror / "videos.txt"), read_list(mirror / "prompts.txt")
+        edited = len(sources) // 2
+        prompts[edited] += ", at dusk"
+        write_list(mirror / "prompts.txt", prompts)
+        out["caption_edit"] = timed_encode(mirror, copy, model, videos=0, texts=1, changed=1)
+        replace_clip(data, mirror, sources[edited // 2], seed=1)
+        out["clip_replaced"] = timed_encode(mirror, copy, model, videos=1, texts=0, changed=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def mirror_dataset(data: Path, into: Path) -> Path:
+    """`data` listed again in `into`: its lists copied and each folder of clips a symlink to the original, so
+    every entry's real path, and with it its file-hash cache entry and content key, is the one it was."""
+    into.mkdir(parents=True)
+    for name in ("videos.txt", "prompts.txt"):
+        shutil.copyfile(data / name, into / name)
+    (into / "videos").mkdir()
+    for folder in (data / "videos").iterdir():
+        (into / "videos" / folder.name).symlink_to(folder)
+    return into
+
+
+def replace_clip(data: Path, mirror: Path, source: str, seed: int) -> None:
+    """Replace the clip `source` of `mirror` by a new clip of other content; the other clips of its folder stay
+    symlinks to `data`'s."""
+    from bench_prep import render_clip
+    from cogtune.shared.video import write_video
+    from cogtune.shared.zoo import TINY_NATIVE
+
+    folder = (mirror / source).parent
+    if folder.is_symlink():  # the folder becomes real, its other clips symlinks to theirs
+        folder.unlink()
+        folder.mkdir()
+        for clip in (data / source).parent.iterdir():
+            (folder / clip.name).symlink_to(clip)
+    (mirror / source).unlink(missing_ok=True)
+    frames, height, width = TINY_NATIVE["1.0"]
+    rng = np.random.default_rng(seed)
+    write_video(mirror / source, render_clip(rng, frames + 3, height, width, seed), fps=8)
+
+
+def timed_encode(data: Path, store: Path, model: Path, videos: int, texts: int, changed: int, new: int = 0) -> dict:
+    """`cogprep encode DATA --out STORE` in this process, as the seed store was encoded; refuses unless it encoded
+    exactly `videos` clips and `texts` captions and found `changed` sources changed, `new` new and none removed."""
+    from bench_prep import cogprep
+    from cogtune.shared import store as S
+    from cogtune.shared.zoo import TINY_NATIVE
+
+    native = "x".join(str(n) for n in TINY_NATIVE["1.0"])
+    out = {}
+    with _timed(out, "encode"):
+        cogprep("encode", data, "--model", model, "--out", store, "--resolution", native, "--workers", 0)
+    report = json.loads((store / S.REPORT).read_text())
+    encoded, changes = report["encoded"], report["changes"]
+    if (encoded["videos"], encoded["texts"], changes["changed"], changes["new"], changes["removed"]) != (
+            videos, texts, changed, new, 0):
+        raise SystemExit(f"cogprep encode {data}: encoded {encoded}, changes {changes}; expected {videos} clips, "
+                         f"{texts} captions, {changed} changed")
+    return {"s": out["encode_s"], "cpu_s": out["encode_cpu_s"], "encoded_videos": encoded["videos"],
+            "encoded_texts": encoded["texts"], "changes": changes}
+
+
+def read_list(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
 @contextlib.contextmanager
 def _timed(out: dict, name: str):
     """Record the wall and CPU seconds of the block in `out` as NAME_s and NAME_cpu_s."""
@@ -373,6 +484,70 @@ def print_table(r: dict) -> None:
             table.add_row(f"{run['entries']:,}" if i == 0 else "", measure, f"{value:.2f} {unit}",
                           f"{cpu:.2f} s" if cpu is not None else "", f"< {target} {unit}" if target else "",
                           _verdict(value, target))
+        for measure, encode, target_text, verdict in _edit_rows(run.get("edits"), t.get("in_process_s")):
+            table.add_row("", measure, f"{encode['s']:.2f} s", f"{encode['cpu_s']:.2f} s", target_text, verdict)
+    Console(width=150).print(table)
+
+
+def _edit_rows(edits: dict | None, noop_target: float | None) -> list[tuple[str, dict, str, str]]:
+    """The table's rows of one edit in a large store: (measure, its encode, target, verdict), the edits judged
+    by CPU seconds (the wall time swings with the load) against the no-op encode's plus one item's."""
+    if not edits:
+        return []
+    noop, one = edits["noop_encode"], edits["one_item_encode"]
+    budget = EDIT_TOLERANCE * (noop["cpu_s"] + one["cpu_s"])
+    rows = [("no-op `cogprep encode`, in process", noop,
+             f"< {noop_target} s" if noop_target else "", _verdict(noop["s"], noop_target)),
+            ("  one item's encode (1 clip + 1 caption, a new store)", one, "", ""),
+            ("  the same, first in the process (the models' imports)", edits["one_item_encode_cold"], "", "")]
+    for name, label in (("caption_edit", "one caption edited"), ("clip_replaced", "one clip replaced")):
+        edit = edits[name]
+        encoded = f"{edit['encoded_videos']} clip{'s' * (edit['encoded_videos'] != 1)}, {edit['encoded_texts']} caption"
+        rows.append((f"{label}: encode ({encoded})", edit, f"< {budget:.2f} s CPU ({EDIT_TOLERANCE} x (no-op + one))",
+                     _verdict(edit["cpu_s"], budget)))
+    return rows
+
+
+GROWTH = (("status, in process", ("status_cpu_s",)),
+          ("floor: one os.stat per entry", ("one_stat_per_entry_cpu_s",)),
+          ("cogtrain: staleness check", ("trainer_start", "check_cpu_s")),
+          ("cogtrain: index load", ("trainer_start", "index_load_cpu_s")),
+          ("cogtrain: first epoch planned", ("trainer_start", "epoch_planning_cpu_s")),
+          ("cogprep inspect", ("maintenance", "inspect_cpu_s")),
+          ("cogprep gc --dry-run", ("maintenance", "gc_dry_run_cpu_s")),
+          ("no-op cogprep encode", ("edits", "noop_encode", "cpu_s")),
+          ("one caption edited: encode", ("edits", "caption_edit", "cpu_s")))
+"""The measures whose cost per entry is followed as the dataset grows: (label, path to its CPU seconds)."""
+
+
+def per_entry_cpu_us(run: dict) -> dict[str, float]:
+    """Each GROWTH measure of `run` in CPU microseconds per listed entry (those it has)."""
+    out = {}
+    for label, path in GROWTH:
+        value = run
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            out[label] = round(value * 1e6 / run["entries"], 2)
+    return out
+
+
+def print_growth(r: dict) -> None:
+    """Each measure's CPU microseconds per entry at each size: a fixed cost shows as a falling row, a linear one
+    as a flat row, anything worse than linear as a rising one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    runs = sorted(r["runs"], key=lambda run: run["entries"])
+    title = "CPU microseconds per entry as the dataset grows (flat: linear; rising: worse than linear)"
+    table = Table(title=title, title_justify="left", min_width=len(title))  # the title on one line
+    table.add_column("measure")
+    for run in runs:
+        table.add_column(f"{run['entries']:,}", justify="right")
+    for label, _ in GROWTH:
+        cells = [run["per_entry_cpu_us"].get(label) for run in runs]
+        if any(c is not None for c in cells):
+            table.add_row(label, *(f"{c:.1f}" if c is not None else "" for c in cells))
     Console(width=150).print(table)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from cogtune.preprocess import plan as P
 from cogtune.preprocess.frames import FrameSampling
@@ -151,8 +152,9 @@ def _text_parts(store: Path) -> list:
 @pytest.mark.slow
 def test_bench_scale_smoke(tmp_path):
     result = tmp_path / "bench.json"
+    work = tmp_path / "work"
     done = subprocess.run([sys.executable, str(SCRIPTS / "bench_scale.py"), "--entries", "2000", "--json-out",
-                           str(result)], capture_output=True, text=True, timeout=600)
+                           str(result), "--keep", str(work)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(result.read_text())
     run = measured["runs"][0]
@@ -164,6 +166,41 @@ def test_bench_scale_smoke(tmp_path):
     assert start["check_read_columns_s"] > 0 and start["check_comparison_s"] > 0 and start["baseline_anti_joins_s"] > 0
     assert run["maintenance"]["inspect_s"] > 0 and run["maintenance"]["gc_dry_run_s"] > 0
     assert "a million clips: no-op re-run" in done.stdout and "cogtrain start" in done.stdout
+    # one edit in the store: each encode did exactly that item (the bench itself refuses otherwise)
+    edits = run["edits"]
+    assert edits["noop_encode"]["changes"] == {"new": 0, "changed": 0, "removed": 0, "unchanged": 2000}
+    assert (edits["noop_encode"]["encoded_videos"], edits["noop_encode"]["encoded_texts"]) == (0, 0)
+    for name, clips, captions in (("caption_edit", 0, 1), ("clip_replaced", 1, 0), ("one_item_encode", 1, 1)):
+        assert (edits[name]["encoded_videos"], edits[name]["encoded_texts"]) == (clips, captions), name
+        assert edits[name]["cpu_s"] > 0
+    assert edits["caption_edit"]["changes"]["changed"] == edits["clip_replaced"]["changes"]["changed"] == 1
+    assert "one caption edited: encode (0 clips, 1 caption)" in done.stdout
+    assert not list(work.glob("edits-*"))  # the edits worked on a copy, removed after
+    assert pq.read_metadata(work / "store-2000" / S.INDEX).num_rows == 2000  # the kept store as built
+    # the cost per entry, one column per size
+    assert set(run["per_entry_cpu_us"]) >= {"status, in process", "no-op cogprep encode", "cogprep inspect"}
+    assert run["per_entry_cpu_us"]["status, in process"] == pytest.approx(run["status_cpu_s"] * 1e6 / 2000, abs=0.01)
+    assert "CPU microseconds per entry as the dataset grows" in done.stdout
+
+
+def test_bench_scale_mirror_keeps_every_real_path_and_replaces_one_clip(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_scale
+    data = tmp_path / "data"
+    for i in range(4):
+        clip = data / "videos" / f"{i // 2:04d}" / f"{i}.mp4"
+        clip.parent.mkdir(parents=True, exist_ok=True)
+        clip.write_bytes(b"clip %d" % i)
+    write_lines(data / "videos.txt", [f"videos/{i // 2:04d}/{i}.mp4" for i in range(4)])
+    write_lines(data / "prompts.txt", [f"caption {i}" for i in range(4)])
+    mirror = bench_scale.mirror_dataset(data, tmp_path / "mirror")
+    for line in read_lines(mirror / "videos.txt"):
+        assert os.path.realpath(mirror / line) == os.path.realpath(data / line)
+    bench_scale.replace_clip(data, mirror, "videos/0001/3.mp4", seed=1)
+    assert (mirror / "videos/0001/3.mp4").read_bytes()[4:8] == b"ftyp"  # a real mp4 of its own
+    assert os.path.realpath(mirror / "videos/0001/2.mp4") == os.path.realpath(data / "videos/0001/2.mp4")
+    assert os.path.realpath(mirror / "videos/0000/0.mp4") == os.path.realpath(data / "videos/0000/0.mp4")
+    assert (data / "videos/0001/3.mp4").read_bytes() == b"clip 3"  # the original left as it was
 
 
 # ---------------------------------------------------------------------------------------------------------
