@@ -11,7 +11,7 @@ import torch
 from cogtune.train.data import StoreLoader
 from cogtune.train.evaluation import eval_generator, eval_timesteps, holdout_rows
 from PIL import Image
-from train_helpers import cogtrain, cogtrain_command, launch, losses
+from train_helpers import cogtrain, cogtrain_command, launch, losses, one_thread
 
 EVAL = ("--eval-holdout", "2", "--eval-every", "2")
 
@@ -105,7 +105,8 @@ def test_the_same_weights_give_the_same_eval_loss_on_one_or_two_processes(train_
     weights), so one and two processes evaluate the same weights at step 1; each rank evaluates its share."""
     args = ("--max-steps", "1", "--eval-holdout", "3", "--eval-every", "1", "--learning-rate", "1e-30")
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(cogtrain_command(train_store, tiny_models["5b"], one, *args))
+    with one_thread():  # as each launched rank runs
+        cogtrain(train_store, tiny_models["5b"], one, *args)
     launch(cogtrain_command(train_store, tiny_models["5b"], two, *args, processes=2))
     assert logged(one)[1]["eval_loss"] == logged(two)[1]["eval_loss"]
 

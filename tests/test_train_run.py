@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def store(train_store) -> Path:
 # a run and what it leaves
 
 
-def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, tiny_models, tmp_path):
+def test_lora_run_writes_weights_checkpoints_losses_card_validation_and_summary(store, tiny_models, tmp_path):
     run = tmp_path / "run"
     result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "4", "--checkpoint-every", "2",
                       "--keep-checkpoints", "1", "--validate-every", "4", "--validation-inference-steps", "2",
@@ -75,6 +76,11 @@ def test_lora_run_writes_weights_checkpoints_losses_card_and_validation(store, t
     assert list((run / "logs").rglob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["steps_per_rank"] == [4]
+    # wall time over steps counts start-up, checkpoints and validation: the step time is the median step
+    steps = [json.loads(line)["step_time"] for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert summary["step_time_median_s"] == round(statistics.median(steps), 4)
+    assert summary["seconds_this_run"] > sum(steps)  # the wall time also holds start-up and validation
+    assert f"median step {summary['step_time_median_s']:.3f} s" in result.stdout
 
     saved = TrainConfig.from_file(run / "config.yaml")
     assert (saved.max_steps, saved.rank, saved.mode, saved.store) == (4, 4, "lora", store)
@@ -433,17 +439,3 @@ def test_pytorch_reads_the_allocator_settings_set_after_it_was_imported(tmp_path
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == CUDA_ALLOCATOR == "expandable_segments:True"
-
-
-def test_the_summary_gives_the_median_step_time_beside_the_wall_time(store, tiny_models, tmp_path):
-    """Wall time over steps counts start-up, checkpoints and validation: the step time is the median step."""
-    import statistics
-
-    run = tmp_path / "run"
-    result = cogtrain(store, tiny_models["5b"], run, "--max-steps", "5", "--validate-every", "5",
-                      "--validation-inference-steps", "1")
-    steps = [json.loads(line)["step_time"] for line in (run / "losses.jsonl").read_text().splitlines()]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["step_time_median_s"] == round(statistics.median(steps), 4)
-    assert summary["seconds_this_run"] > sum(steps)  # the wall time also holds start-up and validation
-    assert f"median step {summary['step_time_median_s']:.3f} s" in result.stdout

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,18 @@ def cogtrain_command(store: Path, model: Path, out: Path, *args: str, processes:
 
 LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 """One thread per process: two ranks on two cores."""
+
+
+@contextmanager
+def one_thread():
+    """Torch on one thread, as LAUNCH_ENV runs a launched process: a run in this process then computes what a
+    launched one does, to the bit, and a resume can mix the two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def launch(command: list[str], expect: int = 0) -> subprocess.CompletedProcess:
