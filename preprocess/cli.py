@@ -24,7 +24,7 @@ from ..shared.buckets import (
     check_buckets_for_model,
     load_bucket_spec,
 )
-from ..shared.cli import make_app, quiet_hub_progress_bars, wide_console
+from ..shared.cli import bitsandbytes_hidden, make_app, quiet_hub_progress_bars, wide_console
 from ..shared.disk import human_bytes
 from ..shared.errors import CogtuneError, exit_on_user_error
 from ..shared.fingerprint import FileHashes, dataset_file_hashes, model_file_hashes
@@ -85,7 +85,8 @@ def encode(**values: Any) -> None:
     )
     info = {"path": str(request.dataset.resolve()), "layout": data.layout, "file": str(data.file),
             "caption_column": inputs.caption_column, "video_column": inputs.video_column, "id_token": inputs.id_token}
-    result = run_encode(data, m, inputs.out, spec, settings, run, info)
+    with bitsandbytes_hidden():  # diffusers' and transformers' model code would import it for nothing
+        result = run_encode(data, m, inputs.out, spec, settings, run, info)
     if shown():  # the other ranks have nothing to count: rank 0 committed every rank's work
         _print_summary(inputs.out, result)
 

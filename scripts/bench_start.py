@@ -44,12 +44,15 @@ started = time.perf_counter()
 import json, sys
 if sys.argv[1] == "pipelines":
     import {PIPELINE_MODULE}
-from cogtune.train import trainer
+from cogtune.shared.cli import bitsandbytes_hidden
+
+with bitsandbytes_hidden():  # as cogtrain run imports the trainer (unless --optimizer adamw8bit)
+    from cogtune.train import trainer
 
 first_step = trainer.Stepper.step
 
 def step(self, *args, **kwargs):
-    loaded = {{name: name in sys.modules for name in ("{PIPELINE_MODULE}", "torch._dynamo")}}
+    loaded = {{name: name in sys.modules for name in ("{PIPELINE_MODULE}", "torch._dynamo", "bitsandbytes")}}
     print("{MARKER} " + json.dumps({{"seconds": time.perf_counter() - started, "loaded": loaded}}), file=sys.stderr,
           flush=True)
     raise SystemExit(0)  # the first step is reached: what came before is what is measured

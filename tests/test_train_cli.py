@@ -184,9 +184,9 @@ def test_resume_latest_says_whether_it_starts_anew_or_where_it_resumes(train_sto
 
 @pytest.mark.slow
 def test_the_first_step_runs_without_the_pipeline_module(train_store, tiny_models, tmp_path):
-    """The pipelines (transformers, the LoRA loaders) are seconds of imports a step never uses: a fresh process
-    has not imported diffusers' CogVideoX pipeline module when its first step starts (scripts/bench_start.py
-    measures the seconds)."""
+    """The pipelines (transformers, the LoRA loaders) and bitsandbytes (which peft imports for quantized layers)
+    are seconds of imports a step never uses: a fresh process has imported neither diffusers' CogVideoX pipeline
+    module nor bitsandbytes when its first step starts (scripts/bench_start.py measures the seconds)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from bench_start import FIRST_STEP_DRIVER, MARKER, PIPELINE_MODULE
 
@@ -197,6 +197,7 @@ def test_the_first_step_runs_without_the_pipeline_module(train_store, tiny_model
     assert done.returncode == 0, done.stderr[-3000:]
     [reached] = [json.loads(line[len(MARKER):]) for line in done.stderr.splitlines() if line.startswith(MARKER)]
     assert reached["loaded"][PIPELINE_MODULE] is False
+    assert reached["loaded"]["bitsandbytes"] is False  # installed here (the bnb extra), but peft is kept from it
 
 
 def test_the_s_per_step_and_eta_come_from_the_steps_own_times():

@@ -8,6 +8,7 @@ are answered with ours (`train.peer_options`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any, Optional
@@ -15,7 +16,7 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperCommand
 
-from ..shared.cli import make_app, quiet_bitsandbytes_import, quiet_hub_progress_bars
+from ..shared.cli import bitsandbytes_hidden, make_app, quiet_hub_progress_bars
 from ..shared.config import config_option
 from ..shared.errors import exit_on_user_error
 from ..shared.log import setup_logging, verbosity
@@ -70,13 +71,13 @@ def run(**options: Any) -> None:
     """Fine-tune MODEL on the cached tensors of STORE; weights, checkpoints and logs go to OUT."""
     options.pop("config")
     setup_logging("cogtrain", verbosity(options.pop("quiet"), options.pop("verbose")))
-    # both before the trainer's imports: the hub reads its switch on import, and peft imports bitsandbytes
-    if not options["progress"]:
+    if not options["progress"]:  # before the trainer's imports: the hub reads its switch on import
         quiet_hub_progress_bars()
-    if options["optimizer"] != "adamw8bit":
-        quiet_bitsandbytes_import()
-    from .preemption import EXIT_PREEMPTED, Preempted
-    from .trainer import train
+    with contextlib.nullcontext() if options["optimizer"] == "adamw8bit" else bitsandbytes_hidden():
+        from .preemption import EXIT_PREEMPTED, Preempted
+        from .trainer import import_peft, train
+
+        import_peft()
 
     try:
         train(TrainConfig(**options))

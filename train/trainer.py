@@ -206,6 +206,16 @@ def use_cuda_allocator_defaults() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)
 
 
+def import_peft() -> None:
+    """peft and diffusers' hooks (which import it), and peft's answer whether bitsandbytes is installed, which it
+    keeps for the process: the CLI calls this inside `shared.cli.bitsandbytes_hidden` unless 8-bit AdamW is asked
+    for."""
+    import diffusers.hooks  # noqa: F401
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+    is_bnb_available(), is_bnb_4bit_available()
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run the checks, then train; on every rank of a launch (torchrun / accelerate launch) or alone."""
     use_cuda_allocator_defaults()
