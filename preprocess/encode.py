@@ -39,12 +39,15 @@ from .datasets import BadItem, Dataset
 from .plan import (
     CACHE_DIR,
     EncodeSettings,
+    KnownItems,
     Plan,
     VideoJob,
+    image_for_i2v,
     plan_encode,
     skip_kind,
     text_fingerprint,
 )
+from .staleness import columns_of, current_by_columns, indexed_sources
 
 log = logging.getLogger(__name__)
 PENDING = ".pending"
@@ -190,6 +193,9 @@ def _run_encode(dataset, model, store, spec, settings, options, dataset_info, cr
         S.remove_temp_shards(store)
         shutil.rmtree(store / PENDING, ignore_errors=True)
     _barrier(world)
+    no_op = _current_by_columns(run) if rank == 0 else None
+    if _agreed(no_op is not None, world):
+        return _no_op_step(run, no_op)
     plan, fps = _plan_step(run)
     result = EncodeResult(plan=plan)
     texts = sorted(plan.text_jobs)[rank::world]
@@ -249,6 +255,117 @@ def _plan_step(run: _Run) -> tuple[Plan, dict[str, str]]:
         plan.save_caches()
         model_hashes.save()
     return plan, fps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the no-op by columns: a current store is answered as `cogprep status` answers it, no entry planned
+
+
+@dataclass
+class _NoOp:
+    """What an encode with nothing to do reports, found by columns (`_current_by_columns`)."""
+
+    skipped: list[BadItem]
+    """The bad items, as the plan lists them."""
+    samples: int
+    """The index's rows."""
+    manifest: S.Manifest | None
+    """The manifest to commit the index with where the recorded one differs outside `_decisive` (the dataset or
+    the model moved), as the plan path commits it; None where it is the recorded one (nothing is rewritten)."""
+
+
+def _current_by_columns(run: _Run) -> _NoOp | None:
+    """Rank 0: what this encode reports where it has nothing to do, or None where the plan must decide.
+
+    Nothing to do is where the plan path would encode nothing and commit the rows the index holds
+    (`_already_committed`): what the content keys and the reading of the dataset depend on is what the store
+    recorded (`_decisive`), no damage is recorded, no killed run's list waits, the extras are current, and the
+    columns find every listed entry in the index and no other (`current_by_columns`: with those settings and
+    fingerprints, the keys are made of exactly those columns). Where the manifest differs otherwise (the dataset
+    or the model moved), the plan path commits the same rows with the new manifest, and so does this one.
+    --rehash trusts no size and mtime, so it plans."""
+    store, options = run.store, run.options
+    if options.rehash or (store / PENDING).exists() or (store / S.DAMAGED).exists() or not (store / S.INDEX).exists():
+        return None
+    model_hashes = model_file_hashes(store / CACHE_DIR)
+    _, text_fp, fps = model_fingerprints(run.model, model_hashes)
+    recorded = S.Manifest.load(store)
+    counts = {bucket["name"]: bucket["samples"] for bucket in recorded.buckets}
+    manifest = _manifest(run, fps, counts)
+    if _decisive(recorded) != _decisive(manifest) or _extras_stale(store, text_fp, options):
+        return None
+    # the dataset as the CLI read it (the options the store recorded, compared above), not read a second time
+    current = current_by_columns(Path(run.dataset_info["path"]), store, fps, columns_of(run.dataset))
+    skipped = _reader_skips(run.dataset, run.model.variant.task)
+    # The report lists the bad items one by one, the columns only count them: the list is the dataset reader's
+    # (where every source is current, no bad item comes from the plan: a source the plan skipped is not in the
+    # index, so the columns would differ), and its length must be the columns' count. --strict with bad items
+    # is refused by the plan path, in its words.
+    if current is None or not current.unchanged or current.bad != len(skipped) or (options.strict and skipped):
+        return None
+    if not options.strict:  # as the plan path keeps the model's file hashes
+        model_hashes.save()
+    moved = _compared(recorded) != _compared(manifest)
+    return _NoOp(skipped, sum(counts.values()), manifest if moved else None)
+
+
+MOVABLE = ("path", "file")
+"""The dataset fields a moved dataset changes: the manifest records them, no content key or column holds them."""
+
+
+def _decisive(manifest: S.Manifest) -> dict[str, Any]:
+    """What the content keys and the columns' reading of the dataset depend on: the settings (bucket spec
+    included), the model's variant (an image-to-video model skips images) and fingerprints, and the options the
+    dataset is read with."""
+    fields = _compared(manifest)
+    return {"settings": fields["settings"], "variant": fields["model"]["variant"],
+            "fingerprints": fields["model"]["fingerprints"],
+            "dataset": {k: v for k, v in fields["dataset"].items() if k not in MOVABLE}}
+
+
+def _reader_skips(dataset: Dataset, task: str) -> list[BadItem]:
+    """The bad items the plan of a current store's `dataset` lists, in its order: the entries the reader refused,
+    then the image entries an image-to-video model skips."""
+    images = [image_for_i2v(item) for item in dataset.items if item.kind == "image"] if task == "i2v" else []
+    return [*dataset.bad, *images]
+
+
+def _agreed(flag: bool, world: int) -> bool:
+    """Rank 0's `flag` on every rank (a broadcast), so that all take the same path."""
+    if world == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, src=0)  # the process group is up: `_barrier` started it
+    return bool(value.item())
+
+
+def _no_op_step(run: _Run, no_op: _NoOp | None) -> EncodeResult:
+    """The result of an encode with nothing to do, as the plan path gives it: nothing encoded, the index and the
+    manifest left as they are, rank 0's report written (the other ranks, `no_op` None, count nothing). Its plan
+    lists no samples (the index holds them) and lists the unchanged sources from the index."""
+    if no_op is None:
+        return EncodeResult(plan=Plan([], {}, {}, KnownItems(None, {}, {}, set()), []))
+    changes = {"new": [], "changed": [], "removed": [], "unchanged": indexed_sources(run.store)}
+    plan = Plan([], {}, {}, KnownItems(None, {}, {}, set()), list(no_op.skipped), changes)
+    world = dist_info()[1]
+    log.debug("to encode: 0 clips and 0 captions, split over %d process%s; bad items %d (current by columns)",
+              world, "es" * (world > 1), len(no_op.skipped))
+    if no_op.manifest is not None:
+        _recommit(run.store, no_op.manifest)
+    result = EncodeResult(plan=plan, samples=no_op.samples, skipped=list(no_op.skipped))
+    result.seconds = time.time() - run.started
+    _write_report(run.store, result)
+    return result
+
+
+def _recommit(store: Path, manifest: S.Manifest) -> None:
+    """Commit the index's rows as they are with `manifest`, as `_commit` does (no damage is recorded here)."""
+    S.write_index(store, S.read_index_table(store, S.INDEX_SCHEMA.names), manifest)
+    _test_kill("index")
+    S.atomic_write_text(store / S.STORE_JSON, manifest.to_json())
 
 
 def _texts_step(run: _Run, shards: _RankShards, plan: Plan, keys: list[str], extras_stale: bool, text_fp: str,
@@ -536,7 +653,7 @@ def _commit(run: _Run, plan: Plan, fps: dict[str, str], lists: list[dict[str, An
     (the commit) and the manifest, unless the store already holds exactly these (a no-op encode writes neither)."""
     store = run.store
     rows, result.skipped = _merge_rows(plan, lists, result)
-    manifest = _manifest(run, fps, rows)
+    manifest = _manifest(run, fps, Counter(r["bucket"] for r in rows))
     # compared only where the plan and the ranks found nothing to do: elsewhere the index surely changes
     nothing_new = not plan.stale and not (result.encoded_videos or result.encoded_texts)
     if not (nothing_new and _already_committed(store, rows, manifest)):
@@ -579,9 +696,9 @@ def _merge_rows(plan: Plan, lists: list[dict[str, Any]], result: EncodeResult) -
     return rows, skipped
 
 
-def _manifest(run: _Run, fps: dict[str, str], rows: list[dict[str, Any]]) -> S.Manifest:
+def _manifest(run: _Run, fps: dict[str, str], counts: dict[str, int]) -> S.Manifest:
+    """The manifest of a commit by this run of `counts` samples per bucket name."""
     model = run.model
-    counts = Counter(r["bucket"] for r in rows)
     buckets = []
     for name in sorted(counts):
         f, h, w = (int(x) for x in name.split("x"))
@@ -609,11 +726,12 @@ def _already_committed(store: Path, rows: list[dict[str, Any]], manifest: S.Mani
     removed, no setting or recorded path changed) and no damage is recorded: then nothing needs rewriting."""
     if not (store / S.INDEX).exists() or (store / S.DAMAGED).exists():
         return False
+    return _compared(S.Manifest.load(store)) == _compared(manifest) and S.index_holds(store, rows)
 
-    def compared(m: S.Manifest) -> dict[str, Any]:
-        return {k: v for k, v in json.loads(m.to_json()).items() if k not in UNCOMPARED}
 
-    return compared(S.Manifest.load(store)) == compared(manifest) and S.index_holds(store, rows)
+def _compared(manifest: S.Manifest) -> dict[str, Any]:
+    """The fields of `manifest` a commit of nothing new must find equal (all but `UNCOMPARED`)."""
+    return {k: v for k, v in json.loads(manifest.to_json()).items() if k not in UNCOMPARED}
 
 
 def _write_report(store: Path, result: EncodeResult) -> None:

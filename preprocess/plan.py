@@ -298,10 +298,7 @@ def plan_encode(
                       progress=progress, journal=journal_hashes)
     for item in dataset.items:
         if item.kind == "image" and task == "i2v":
-            # An I2V sample is conditioned on its first frame: a 1-frame sample would be conditioned on itself
-            # and teach the model to copy its condition.
-            bad.append(BadItem(item.source, f"{item.path}: {IMAGE_FOR_I2V}: a still image would be conditioned on "
-                                            f"itself (image-to-video trains on videos only)"))
+            bad.append(image_for_i2v(item))
             continue
         try:
             planned = _plan_item(item, spec, settings, keys, hashes, probes, known.video_keys)
@@ -330,6 +327,13 @@ def plan_encode(
     )
     plan.changes = _changes(index, samples, damaged, within)
     return plan
+
+
+def image_for_i2v(item: DatasetItem) -> BadItem:
+    """Why an image-to-video model skips the image entry `item`: an I2V sample is conditioned on its first frame,
+    so a 1-frame sample would be conditioned on itself and teach the model to copy its condition."""
+    return BadItem(item.source, f"{item.path}: {IMAGE_FOR_I2V}: a still image would be conditioned on itself "
+                                f"(image-to-video trains on videos only)")
 
 
 class _Keys:

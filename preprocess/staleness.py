@@ -122,16 +122,42 @@ def _from_plan(plan: Plan, bad: int, unchanged: int = 0) -> StoreChanges:
                         len(plan.text_jobs), bad + len(plan.bad))
 
 
-def current_by_columns(dataset: Path, store: Path, fingerprints: dict[str, str] | None = None) -> Current | None:
+def current_by_columns(dataset: Path, store: Path, fingerprints: dict[str, str] | None = None,
+                       columns: DatasetColumns | None = None) -> Current | None:
     """What a current store holds, or None where the columns cannot say it is current (the plan decides).
-    `fingerprints`: the model's components' (see `plan_against_store`), by default those the store recorded."""
-    compared = _compare(dataset, store, fingerprints)
+    `fingerprints`: the model's components' (see `plan_against_store`), by default those the store recorded.
+    `columns`: the dataset's, where the caller has read it with the options the store recorded (`columns_of`)."""
+    compared = _compare(dataset, store, fingerprints, columns)
     if compared is None or len(compared.differing):
         return None
     return Current(unchanged=compared.unchanged, bad=compared.bad)
 
 
-def _compare(dataset: Path, store: Path, fingerprints: dict[str, str] | None) -> _Comparison | None:
+def indexed_sources(store: Path) -> list[str]:
+    """The distinct sources of the store's index, sorted: a current store's unchanged sources (as the plan lists
+    them in `Plan.changes`)."""
+    index = S.read_index_table(store, ("source",))
+    return sorted(pc.unique(index["source"]).to_pylist()) if index is not None else []
+
+
+def columns_of(dataset: Dataset) -> DatasetColumns | None:
+    """The entries of `dataset`, read already, as the columns `_compare` takes (not `DatasetColumns.items`'s:
+    no declared sizes); None where an item carries no stat of its file (it was made otherwise)."""
+    items = dataset.items
+    if any(item.stat is None for item in items):
+        return None
+    images = [item.image for item in items]
+    return DatasetColumns(dataset.layout, dataset.file, [item.source for item in items],
+                          [item.caption for item in items], [item.kind for item in items],
+                          [str(item.path) for item in items],
+                          np.array([item.stat.st_size for item in items], np.int64),
+                          np.array([item.stat.st_mtime_ns for item in items], np.int64),
+                          [item.line for item in items], list(dataset.bad),
+                          images if any(image is not None for image in images) else None)
+
+
+def _compare(dataset: Path, store: Path, fingerprints: dict[str, str] | None,
+             given: DatasetColumns | None = None) -> _Comparison | None:
     """The dataset compared with the index by columns; None where the columns can decide nothing (another model's
     fingerprints, no index yet)."""
     manifest = S.Manifest.load(store)
@@ -145,8 +171,9 @@ def _compare(dataset: Path, store: Path, fingerprints: dict[str, str] | None) ->
     with ThreadPoolExecutor(1, thread_name_prefix="cogtune-index") as pool:
         # the index is read (by Arrow, which lets go of the GIL) while the dataset is read and its files stat-ed
         reading = pool.submit(S.read_index_table, store, (*COMPARED, "video_key", "text_key") if damaged else COMPARED)
-        columns = read_columns(dataset, info.get("layout"), caption_column=info.get("caption_column"),
-                               video_column=info.get("video_column"), id_token=info.get("id_token"))
+        columns = given if given is not None else read_columns(
+            dataset, info.get("layout"), caption_column=info.get("caption_column"),
+            video_column=info.get("video_column"), id_token=info.get("id_token"))
         index = reading.result()
     if index is None:
         return None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from cogtune.shared import store as S
 from cogtune.shared.demo import make_demo_dataset
 from cogtune.shared.video import write_video
 from prep_helpers import (
+    TINY_BUCKETS,
     add_clip,
     assert_same_content,
     cogprep,
@@ -272,6 +276,130 @@ def test_a_noop_encode_rewrites_neither_the_index_nor_the_manifest(dataset, stor
     assert report(store)["encoded"] == {"videos": 0, "texts": 0}
     assert (store / S.INDEX).stat().st_mtime_ns != before[0][1]
     assert {r["source"]: r["source_mtime_ns"] for r in S.read_index(store)}[first] == touched
+
+
+def _summary(result) -> str:
+    """The output of an encode without its seconds (they differ from run to run) and the columns' note."""
+    return re.sub(r"\d+\.\d s| \(current by columns\)", "", result.output)
+
+
+def _report_without_seconds(store: Path) -> dict:
+    return {k: v for k, v in report(store).items() if k != "seconds"}
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """The sources each `plan_encode` call of cogprep encode planned (one list per call)."""
+    from cogtune.preprocess import encode as E
+
+    calls: list[list[str]] = []
+    real = E.plan_encode
+
+    def counting(dataset, *args, **kwargs):
+        calls.append([item.source for item in dataset.items])
+        return real(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(E, "plan_encode", counting)
+    return calls
+
+
+def test_a_noop_encode_of_a_current_store_is_answered_by_columns(dataset, store, tiny_models, monkeypatch):
+    """No entry planned, and the same summary, report (bad items one by one) and untouched store as the plan's
+    no-op: measured against the plan path, forced by turning the columns' answer off."""
+    from cogtune.preprocess import encode as E
+
+    model = tiny_models["5b"]
+    write_lines(dataset / "videos.txt", read_lines(dataset / "videos.txt") + ["videos/missing.mp4"])
+    write_lines(dataset / "prompts.txt", read_lines(dataset / "prompts.txt") + ["a clip that is not there"])
+    encode(dataset, model, store)  # commits the dataset with its bad entry
+    committed = [(p.read_bytes(), p.stat().st_mtime_ns) for p in (store / S.INDEX, store / S.STORE_JSON)]
+    with monkeypatch.context() as patch:
+        patch.setattr(E, "_current_by_columns", lambda run: None)
+        by_plan = _summary(encode(dataset, model, store, "--verbose"))
+    expected = _report_without_seconds(store)
+    assert [b["source"] for b in expected["skipped"]] == ["videos/missing.mp4"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a current store was planned")
+
+    monkeypatch.setattr(E, "plan_encode", refuse)
+    assert _summary(encode(dataset, model, store, "--verbose")) == by_plan
+    assert _report_without_seconds(store) == expected
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in (store / S.INDEX, store / S.STORE_JSON)] == committed
+
+
+def test_a_moved_dataset_is_recommitted_by_columns_as_the_plan_commits_it(dataset, store, tiny_models, tmp_path,
+                                                                          planned):
+    """The dataset's path is recorded, not part of any key: the index is committed again with the new path, its
+    rows as they were, and nothing is planned."""
+    rows = S.read_index(store)
+    moved = shutil.copytree(dataset, tmp_path / "moved", copy_function=shutil.copy2)
+    encode(moved, tiny_models["5b"], store)
+    assert planned == []
+    assert report(store)["encoded"] == {"videos": 0, "texts": 0}
+    assert S.Manifest.load(store).dataset["path"] == str(moved.resolve())
+    assert json.loads((store / S.STORE_JSON).read_text())["dataset"]["path"] == str(moved.resolve())
+    assert S.read_index(store) == rows
+
+
+@pytest.mark.slow
+def test_every_torchrun_rank_takes_the_column_path_with_rank_0(dataset, store, tiny_models):
+    """Rank 0 decides and broadcasts: both ranks skip the plan (a rank that planned would wait forever at the
+    commit's barrier), the store is left as it was, and rank 0 alone reports."""
+    committed = [(p.read_bytes(), p.stat().st_mtime_ns) for p in (store / S.INDEX, store / S.STORE_JSON)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(sys.executable).with_name("cogprep")), "encode", str(dataset), "--model", str(tiny_models["5b"]),
+           "--out", str(store), "--buckets", str(TINY_BUCKETS), "--workers", "0", "--no-progress", "--verbose"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("split over 2 processes; bad items 0 (current by columns)") == 1, proc.stdout
+    assert proc.stdout.count("encoded 0 clips and 0 captions") == 1, proc.stdout
+    assert report(store)["encoded"] == {"videos": 0, "texts": 0}
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in (store / S.INDEX, store / S.STORE_JSON)] == committed
+
+
+def _edit_caption(dataset, store, model):
+    prompts = read_lines(dataset / "prompts.txt")
+    prompts[0] += ", at dusk"
+    write_lines(dataset / "prompts.txt", prompts)
+
+
+def _damage_an_item(dataset, store, model):
+    row = S.read_index(store)[0]
+    S.write_damaged(store, {row["video_key"]: "crc mismatch"}, [row])
+
+
+def _leave_a_pending_list(dataset, store, model):
+    # the encode removes a killed run's lists before it checks: the check itself must refuse one
+    from cogtune.preprocess import encode as E
+
+    real = E._current_by_columns
+
+    def with_a_list(run):
+        (run.store / E.PENDING).mkdir()
+        return real(run)
+
+    return with_a_list
+
+
+@pytest.mark.parametrize("edit, extra", [
+    (_edit_caption, ()),
+    (_damage_an_item, ()),
+    (_leave_a_pending_list, ()),
+    (None, ("--dtype", "float16")),
+    (None, ("--rehash",)),
+])
+def test_what_the_columns_cannot_answer_the_plan_decides(dataset, store, tiny_models, planned, monkeypatch, edit,
+                                                         extra):
+    from cogtune.preprocess import encode as E
+
+    model = tiny_models["5b"]
+    check = edit(dataset, store, model) if edit else None
+    if check is not None:
+        monkeypatch.setattr(E, "_current_by_columns", check)
+    encode(dataset, model, store, *extra)
+    assert len(planned) == 1 and len(planned[0]) == len(read_lines(dataset / "videos.txt"))
 
 
 def test_a_store_of_another_format_version_is_refused_and_left_as_it_was(dataset, store, tiny_models):

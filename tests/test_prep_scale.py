@@ -13,9 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from cogtune.preprocess import plan as P
+from cogtune.preprocess.datasets import read_columns, read_dataset
 from cogtune.preprocess.frames import FrameSampling
 from cogtune.preprocess.plan import EncodeSettings, _Keys, plan_against_store, text_key
-from cogtune.preprocess.staleness import Current, current_by_columns, dataset_changes
+from cogtune.preprocess.staleness import Current, columns_of, current_by_columns, dataset_changes
 from cogtune.shared import store as S
 from cogtune.shared.fingerprint import FileHashes, Resolver, hash_bytes_of_file, hash_json
 from prep_helpers import add_clip, encode, read_lines, write_lines
@@ -264,6 +265,13 @@ def test_a_current_store_is_told_by_columns_alone(demo_txt, demo_store, tmp_path
     write_lines(data / "prompts.txt", [*prompts, prompts[0], "a caption of a missing clip"])
     assert current_by_columns(data, demo_store) == Current(unchanged=len(videos), bad=1)
     assert len(plan_against_store(data, demo_store).bad) == 1
+    # a dataset cogprep encode has read already answers the same, as the reader's own columns
+    read, columns = read_dataset(data), read_columns(data)
+    given = columns_of(read)
+    assert (given.source, given.caption, given.kind, given.real, given.line, given.bad, given.image) == (
+        columns.source, columns.caption, columns.kind, columns.real, columns.line, columns.bad, columns.image)
+    assert (given.size == columns.size).all() and (given.mtime_ns == columns.mtime_ns).all()
+    assert current_by_columns(data, demo_store, columns=given) == Current(unchanged=len(videos), bad=1)
     recorded = S.Manifest.load(demo_store).model["fingerprints"]
     assert current_by_columns(data, demo_store, {**recorded, "vae": "another"}) is None
     assert current_by_columns(data, demo_store, dict(recorded)) is not None
